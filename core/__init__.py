@@ -1,0 +1,35 @@
+"""kvloom: a small, pluggable LLM inference engine in the vLLM V1 mould.
+
+Public names are imported lazily, so ``import kvloom`` stays cheap (the CLI's
+``kvloom plugins`` never loads torch).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "LLM": "kvloom.engine.llm",
+    "Engine": "kvloom.engine.engine",
+    "EngineConfig": "kvloom.config",
+    "SamplingParams": "kvloom.sampling_params",
+    "RequestOutputKind": "kvloom.sampling_params",
+    "RequestOutput": "kvloom.outputs",
+    "CompletionOutput": "kvloom.outputs",
+    "Logprob": "kvloom.outputs",
+    "hookimpl": "kvloom.hookspecs",
+    "PLUGIN_API_VERSION": "kvloom.hookspecs",
+    "make_plugin_manager": "kvloom.plugin_manager",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kvloom' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

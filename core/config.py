@@ -1,0 +1,189 @@
+"""Engine configuration: one pydantic model, built from YAML, a dict, or LLM(...) kwargs.
+
+This is the only module that reads environment variables.
+
+Example ``engine.yaml``::
+
+    model: ./my-qwen2
+    dtype: bfloat16
+    attention: auto
+    cache: {block_size: 16, enable_prefix_caching: true}
+    scheduler: {max_num_seqs: 256, max_num_batched_tokens: 8192}
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+PLUGIN_ALLOWLIST_ENV = "KVLOOM_PLUGINS"
+
+
+class Section(BaseModel):
+    """A config section; unknown keys are errors that list the valid ones."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_unknown_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            unknown = sorted(set(data) - set(cls.model_fields))
+            if unknown:
+                raise ValueError(
+                    f"unknown key(s) {', '.join(map(repr, unknown))} in {cls.__name__}; "
+                    f"valid keys: {', '.join(sorted(cls.model_fields))}")
+        return data
+
+
+DTypeName = Literal["auto", "float32", "float16", "bfloat16"]
+_DTYPE_ALIASES = {"float": "float32", "half": "float16", "bf16": "bfloat16", "fp16": "float16",
+                  "fp32": "float32"}
+
+
+class ModelConfig(Section):
+    """Which model to run and how to load it."""
+
+    model: str
+    tokenizer: str | None = None
+    dtype: DTypeName = "auto"
+    max_model_len: int | None = Field(default=None, gt=0)
+    load_format: str = "auto"
+    seed: int = 0
+    trust_remote_code: bool = False
+    revision: str | None = None
+    skip_tokenizer_init: bool = False
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _normalize_dtype(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return _DTYPE_ALIASES.get(value.lower(), value.lower())
+        return value
+
+
+class CacheConfig(Section):
+    """The paged KV cache."""
+
+    block_size: int = Field(default=16, gt=0, le=1024)
+    gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)
+    enable_prefix_caching: bool = True
+    num_gpu_blocks_override: int | None = Field(default=None, gt=0)
+    kv_cache_memory_bytes: int | None = Field(default=None, gt=0)
+
+
+class SchedulerConfig(Section):
+    """Continuous batching limits and policy."""
+
+    max_num_seqs: int = Field(default=256, gt=0)
+    max_num_batched_tokens: int | None = Field(default=None, gt=0)
+    enable_chunked_prefill: bool = True
+    policy: Literal["fcfs", "priority"] = "fcfs"
+
+
+class ParallelConfig(Section):
+    """Model parallelism (single device for now)."""
+
+    tensor_parallel_size: int = Field(default=1, ge=1, le=1)
+    pipeline_parallel_size: int = Field(default=1, ge=1, le=1)
+
+
+class SpeculativeConfig(Section):
+    """Speculative decoding; ``method`` names a registered drafter."""
+
+    method: str
+    num_speculative_tokens: int = Field(gt=0)
+    model: str | None = None
+    prompt_lookup_min: int | None = Field(default=None, gt=0)
+    prompt_lookup_max: int | None = Field(default=None, gt=0)
+
+
+# Top-level keys that belong to the model section, so a YAML file can say
+# ``dtype: bfloat16`` next to ``model:`` as vLLM users expect.
+_MODEL_SHORTCUT_KEYS = set(ModelConfig.model_fields) - {"model"}
+
+
+class EngineConfig(Section):
+    """Everything the engine is built from."""
+
+    model: ModelConfig
+    platform: str = "auto"
+    attention: str = "auto"
+    sampler: str = "default"
+    structured_output: str | None = None
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    speculative: SpeculativeConfig | None = None
+    plugins: list[str] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lift_model_shortcuts(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        model = data.get("model")
+        section = {"model": model} if isinstance(model, (str, os.PathLike)) else dict(model or {})
+        for key in _MODEL_SHORTCUT_KEYS & set(data):
+            section[key] = data.pop(key)
+        if "model" in section:
+            section["model"] = str(section["model"])
+        data["model"] = section
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "EngineConfig":
+        return cls.model_validate(data)
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> "EngineConfig":
+        """Read a YAML file; a relative model path is taken relative to the file."""
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{path}: malformed YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+        data = _resolve_model_path(data, path.parent)
+        return cls.model_validate(data)
+
+    def plugin_allowlist(self) -> list[str] | None:
+        """The plugin allow-list: the config's ``plugins`` key, else $KVLOOM_PLUGINS."""
+        return self.plugins if self.plugins is not None else plugin_allowlist_from_env()
+
+
+def plugin_allowlist_from_env() -> list[str] | None:
+    """Entry-point names from ``$KVLOOM_PLUGINS`` (comma separated), or None for all."""
+    raw = os.environ.get(PLUGIN_ALLOWLIST_ENV)
+    if raw is None or not raw.strip():
+        return None
+    return [name.strip() for name in raw.split(",") if name.strip()]
+
+
+def load_engine_config(source: str | os.PathLike | dict[str, Any] | EngineConfig) -> EngineConfig:
+    """An EngineConfig from a YAML path, a dict, or an EngineConfig."""
+    if isinstance(source, EngineConfig):
+        return source
+    if isinstance(source, dict):
+        return EngineConfig.from_dict(source)
+    return EngineConfig.from_yaml(source)
+
+
+def _resolve_model_path(data: dict[str, Any], base_dir: Path) -> dict[str, Any]:
+    model = data.get("model")
+    if isinstance(model, dict):
+        model = model.get("model")
+    if isinstance(model, str) and not Path(model).is_absolute() and (base_dir / model).exists():
+        resolved = str((base_dir / model).resolve())
+        data = dict(data)
+        if isinstance(data["model"], dict):
+            data["model"] = {**data["model"], "model": resolved}
+        else:
+            data["model"] = resolved
+    return data

@@ -1,0 +1,203 @@
+"""Building every engine component from an EngineConfig and the plugin registries."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kvloom.config import EngineConfig
+from kvloom.engine.selection import loader_candidates, platform_candidates, select_component
+from kvloom.interfaces.attention import AttentionBackend, AttentionSpec
+from kvloom.interfaces.loader import ModelLoader
+from kvloom.interfaces.model import ModelContext
+from kvloom.interfaces.platform import Platform
+from kvloom.kv_cache.kv_cache_manager import KVCacheManager
+from kvloom.registry import PluginSelectionError, Registries
+from kvloom.scheduler.scheduler import Scheduler, SchedulerLimits
+from kvloom.worker.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CHUNKED_BATCHED_TOKENS = 8192
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(slots=True)
+class EngineComponents:
+    """Everything the engine runs with, chosen and built."""
+
+    platform: Platform
+    attention_name: str
+    tokenizer: Any
+    hf_config: Any
+    dtype: torch.dtype
+    max_model_len: int
+    eos_token_ids: frozenset[int]
+    scheduler: Scheduler
+    runner: ModelRunner
+    kv_cache_manager: KVCacheManager
+
+
+def build_engine(config: EngineConfig, registries: Registries) -> EngineComponents:
+    _, platform = select_component(
+        registries["platform"], config.platform, platform_candidates(registries["platform"]),
+        registries["platform"].create, lambda p: p.validate())
+    _, loader = select_component(
+        registries["loader"], config.model.load_format, loader_candidates(registries["loader"]),
+        registries["loader"].create, lambda loader_: loader_.validate(config.model))
+    hf_config = loader.load_hf_config(config.model)
+    tokenizer = _load_tokenizer(loader, config)
+    dtype = resolve_dtype(config.model.dtype, hf_config, platform)
+    max_model_len = resolve_max_model_len(config.model.max_model_len, hf_config)
+    platform.seed_everything(config.model.seed)
+
+    model, attention_name, backend = _build_model(config, registries, platform, hf_config, dtype)
+    loader.load_weights(model, config.model)
+    model.eval()
+
+    spec = _full_spec(model.attention_spec(), config, platform)
+    num_blocks = resolve_num_blocks(config, platform, spec, model.num_attention_layers(),
+                                    max_model_len)
+    kv_caches = [torch.zeros(backend.kv_cache_shape(num_blocks, spec), dtype=dtype,
+                             device=platform.device())
+                 for _ in range(model.num_attention_layers())]
+    logger.info("KV cache: %d blocks of %d tokens", num_blocks, config.cache.block_size)
+
+    kv_cache_manager = KVCacheManager(num_blocks, config.cache.block_size,
+                                      config.cache.enable_prefix_caching)
+    scheduler = Scheduler(resolve_scheduler_limits(config, max_model_len), kv_cache_manager)
+    sampler = registries["sampler"].create(config.sampler)
+    runner = ModelRunner(model, backend, sampler, kv_caches, config.cache.block_size,
+                         platform.device())
+    return EngineComponents(platform, attention_name, tokenizer, hf_config, dtype, max_model_len,
+                            eos_token_ids(config, hf_config, tokenizer), scheduler, runner,
+                            kv_cache_manager)
+
+
+def _build_model(config: EngineConfig, registries: Registries, platform: Platform,
+                 hf_config: Any, dtype: torch.dtype) -> tuple[torch.nn.Module, str, AttentionBackend]:
+    architectures = getattr(hf_config, "architectures", None) or []
+    models = registries["model"]
+    architecture = next((a for a in architectures if a in models.components), None)
+    if architecture is None:
+        raise PluginSelectionError(
+            f"no model architecture registered for {architectures or 'this config'}; "
+            f"registered: {', '.join(models.names()) or 'none'}")
+    # The model reports its attention shape only once built, so build a probe
+    # spec from the config to choose the backend first.
+    probe = AttentionSpec(hf_config.num_attention_heads,
+                          getattr(hf_config, "num_key_value_heads", None)
+                          or hf_config.num_attention_heads,
+                          getattr(hf_config, "head_dim", None)
+                          or hf_config.hidden_size // hf_config.num_attention_heads,
+                          dtype, config.cache.block_size, platform.device().type)
+    attention = registries["attention"]
+    attention_name, backend = select_component(
+        attention, config.attention, platform.attention_candidates(), attention.create,
+        lambda b: b.validate(probe))
+    context = ModelContext(backend, dtype, platform.device(), config.cache.block_size)
+    with torch.device(platform.device()):
+        model = models.create(architecture, hf_config, context)
+    return model, attention_name, backend
+
+
+def _full_spec(spec: AttentionSpec, config: EngineConfig, platform: Platform) -> AttentionSpec:
+    return AttentionSpec(spec.num_heads, spec.num_kv_heads, spec.head_size, spec.dtype,
+                         config.cache.block_size, platform.device().type)
+
+
+def _load_tokenizer(loader: ModelLoader, config: EngineConfig) -> Any:
+    if config.model.skip_tokenizer_init:
+        return None
+    try:
+        return loader.load_tokenizer(config.model)
+    except Exception as exc:
+        raise ValueError(
+            f"could not load a tokenizer for {config.model.tokenizer or config.model.model!r} "
+            f"({type(exc).__name__}: {exc}); set tokenizer to a tokenizer directory, or "
+            "skip_tokenizer_init: true to pass prompt_token_ids only") from exc
+
+
+def resolve_dtype(requested: str, hf_config: Any, platform: Platform) -> torch.dtype:
+    supported = platform.supported_dtypes()
+    if requested != "auto":
+        dtype = _DTYPES[requested]
+        if dtype not in supported:
+            raise ValueError(f"dtype {requested!r} is not supported on platform "
+                             f"{platform.name!r}; supported: {supported}")
+        return dtype
+    config_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if isinstance(config_dtype, str):
+        config_dtype = _DTYPES.get(config_dtype)
+    return config_dtype if config_dtype in supported else supported[0]
+
+
+def resolve_max_model_len(requested: int | None, hf_config: Any) -> int:
+    limit = getattr(hf_config, "max_position_embeddings", None)
+    if requested is None:
+        if limit is None:
+            raise ValueError("the model config has no max_position_embeddings; set max_model_len")
+        return int(limit)
+    if limit is not None and requested > limit:
+        raise ValueError(f"max_model_len {requested} exceeds the model's "
+                         f"max_position_embeddings {limit}")
+    return requested
+
+
+def resolve_scheduler_limits(config: EngineConfig, max_model_len: int) -> SchedulerLimits:
+    scheduler = config.scheduler
+    budget = scheduler.max_num_batched_tokens
+    if budget is None:
+        budget = (DEFAULT_CHUNKED_BATCHED_TOKENS if scheduler.enable_chunked_prefill
+                  else max(max_model_len, DEFAULT_CHUNKED_BATCHED_TOKENS))
+    if not scheduler.enable_chunked_prefill and budget < max_model_len:
+        raise ValueError(
+            f"max_num_batched_tokens ({budget}) is smaller than max_model_len "
+            f"({max_model_len}) with enable_chunked_prefill off: long prompts could never run; "
+            "raise max_num_batched_tokens, lower max_model_len or enable chunked prefill")
+    return SchedulerLimits(scheduler.max_num_seqs, budget, max_model_len,
+                           scheduler.enable_chunked_prefill, scheduler.policy)
+
+
+def resolve_num_blocks(config: EngineConfig, platform: Platform, spec: AttentionSpec,
+                       num_layers: int, max_model_len: int) -> int:
+    cache = config.cache
+    if cache.num_gpu_blocks_override is not None:
+        return cache.num_gpu_blocks_override
+    element_size = torch.tensor([], dtype=spec.dtype).element_size()
+    bytes_per_block = (2 * num_layers * cache.block_size * spec.num_kv_heads * spec.head_size
+                       * element_size)
+    budget = platform.kv_cache_memory_bytes(cache.kv_cache_memory_bytes,
+                                            cache.gpu_memory_utilization)
+    num_blocks = budget // bytes_per_block
+    # No point in more blocks than every sequence slot filled to max_model_len.
+    useful = config.scheduler.max_num_seqs * -(-max_model_len // cache.block_size)
+    num_blocks = min(num_blocks, useful)
+    if num_blocks < 1:
+        raise ValueError(f"the KV cache budget ({budget} bytes) is smaller than one block "
+                         f"({bytes_per_block} bytes); raise kv_cache_memory_bytes")
+    return int(num_blocks)
+
+
+def eos_token_ids(config: EngineConfig, hf_config: Any, tokenizer: Any) -> frozenset[int]:
+    """EOS ids as HF generate sees them: generation_config.json, config, tokenizer."""
+    ids: set[int] = set()
+    for value in (_generation_config_eos(config), getattr(hf_config, "eos_token_id", None),
+                  getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(v for v in value if isinstance(v, int))
+    return frozenset(ids)
+
+
+def _generation_config_eos(config: EngineConfig) -> Any:
+    try:
+        from transformers import GenerationConfig
+
+        return GenerationConfig.from_pretrained(config.model.model).eos_token_id
+    except Exception:  # most checkpoints without generation_config.json land here
+        return None

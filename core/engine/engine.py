@@ -1,0 +1,118 @@
+"""Engine: the request-level API (add_request / step / abort_request) over EngineCore."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from kvloom.config import EngineConfig, load_engine_config
+from kvloom.engine.builder import EngineComponents, build_engine
+from kvloom.engine.engine_core import EngineCore
+from kvloom.engine.input_processor import InputLimits, InputProcessor, PromptType
+from kvloom.engine.output_processor import OutputProcessor
+from kvloom.engine.stats import EngineStats
+from kvloom.outputs import RequestOutput
+from kvloom.plugin_manager import KvloomPluginManager, make_plugin_manager
+from kvloom.registry import Registries
+from kvloom.sampling_params import SamplingParams
+from kvloom.scheduler.request import RequestStatus
+
+logger = logging.getLogger(__name__)
+
+
+class Engine:
+    """Runs requests to completion one ``step()`` at a time.
+
+    Example::
+
+        engine = Engine.from_config("engine.yaml")
+        engine.add_request("a", "Hello", SamplingParams(max_tokens=8))
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                if output.finished:
+                    print(output.outputs[0].text)
+    """
+
+    def __init__(self, config: EngineConfig,
+                 plugin_manager: KvloomPluginManager | None = None) -> None:
+        self.config = config
+        self.plugin_manager = plugin_manager or make_plugin_manager(config.plugin_allowlist())
+        self.registries = Registries(self.plugin_manager)
+        self.components: EngineComponents = build_engine(config, self.registries)
+        components = self.components
+        self.tokenizer = components.tokenizer
+        self.max_model_len = components.max_model_len
+        self.core = EngineCore(components.scheduler, components.runner)
+        limits = InputLimits(components.hf_config.vocab_size, components.max_model_len,
+                             config.cache.block_size, components.kv_cache_manager.num_blocks)
+        self.input_processor = InputProcessor(components.tokenizer, limits,
+                                              components.eos_token_ids)
+        self.output_processor = OutputProcessor(components.tokenizer)
+
+    @classmethod
+    def from_config(cls, source: str | os.PathLike | dict[str, Any] | EngineConfig,
+                    plugin_manager: KvloomPluginManager | None = None) -> "Engine":
+        """Build an engine from a YAML path, a dict, or an EngineConfig."""
+        return cls(load_engine_config(source), plugin_manager)
+
+    def add_request(self, request_id: str, prompt: PromptType,
+                    params: SamplingParams | None = None, *, priority: int = 0,
+                    cache_salt: str | None = None, arrival_time: float | None = None) -> None:
+        """Validate and queue a request; raises ValueError naming the bad field."""
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError("request_id must be a non-empty string")
+        if self.output_processor.has_request(request_id):
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        params = params if params is not None else SamplingParams()
+        processed = self.input_processor.process_prompt(prompt)
+        requests = self.input_processor.make_requests(request_id, processed, params, priority,
+                                                      cache_salt, arrival_time)
+        self.output_processor.add_request(request_id, processed.text, processed.token_ids,
+                                          params, [r.request_id for r in requests],
+                                          [r.sampling_params for r in requests])
+        self.core.add_requests(requests)
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduling step; returns outputs of requests that advanced."""
+        core_outputs = self.core.step()
+        outputs, stopped = self.output_processor.process(core_outputs)
+        if stopped:
+            self.core.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
+        self._notify_step()
+        return outputs
+
+    def abort_request(self, request_id: str | list[str]) -> None:
+        """Stop requests and free their KV blocks; unknown ids are ignored."""
+        request_ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        for rid in request_ids:
+            sequence_ids = self.output_processor.sequence_ids(rid)
+            self.core.finish_requests(sequence_ids, RequestStatus.FINISHED_ABORTED)
+            self.output_processor.abort_request(rid)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.core.has_unfinished_requests()
+
+    def get_stats(self) -> EngineStats:
+        scheduler = self.core.scheduler
+        kv = self.components.kv_cache_manager
+        return EngineStats(
+            num_running=scheduler.num_running,
+            num_waiting=scheduler.num_waiting,
+            kv_cache_usage=kv.usage(),
+            num_free_blocks=kv.num_free_blocks(),
+            num_total_blocks=kv.num_blocks,
+            prefix_cache_queried_tokens=kv.prefix_stats.num_queried_tokens,
+            prefix_cache_hit_tokens=kv.prefix_stats.num_hit_tokens,
+            num_preemptions=scheduler.num_preemptions,
+            num_scheduled_tokens=self.core.last_num_scheduled_tokens,
+        )
+
+    def _notify_step(self) -> None:
+        hook = self.plugin_manager.hook.on_engine_step
+        if not hook.get_hookimpls():
+            return
+        try:
+            hook(stats=self.get_stats())
+        except Exception:  # an observer must never break generation
+            logger.exception("an on_engine_step hook raised")

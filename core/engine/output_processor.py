@@ -1,0 +1,184 @@
+"""From per-step token ids to RequestOutputs: text, stop strings, logprobs, n > 1."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvloom.engine.detokenizer import IncrementalDetokenizer
+from kvloom.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
+from kvloom.sampling_params import RequestOutputKind, SamplingParams
+from kvloom.scheduler.output import EngineCoreOutput, SampleLogprobs
+
+
+@dataclass(eq=False)
+class SequenceState:
+    """One generated sequence (one of a request's n samples)."""
+
+    index: int
+    params: SamplingParams
+    detokenizer: IncrementalDetokenizer | None
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[PositionLogprobs] | None = None
+    cumulative_logprob: float | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    num_sent_tokens: int = 0
+    num_sent_chars: int = 0
+
+
+@dataclass(eq=False)
+class RequestState:
+    """A user request and its sequences."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    sequences: dict[str, SequenceState]
+    num_cached_tokens: int = 0
+
+    def finished(self) -> bool:
+        return all(seq.finish_reason is not None for seq in self.sequences.values())
+
+
+class OutputProcessor:
+    """Tracks live requests' text and turns core outputs into RequestOutputs."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.states: dict[str, RequestState] = {}
+        self.sequence_to_request: dict[str, str] = {}
+
+    def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
+                    params: SamplingParams, sequence_ids: list[str],
+                    sequence_params: list[SamplingParams]) -> None:
+        sequences = {}
+        for index, (sequence_id, seq_params) in enumerate(zip(sequence_ids, sequence_params)):
+            detokenizer = None
+            if self.tokenizer is not None:
+                detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_token_ids,
+                                                     seq_params.skip_special_tokens)
+            sequences[sequence_id] = SequenceState(
+                index, seq_params, detokenizer,
+                logprobs=[] if seq_params.logprobs is not None else None,
+                cumulative_logprob=0.0 if seq_params.logprobs is not None else None)
+            self.sequence_to_request[sequence_id] = request_id
+        self.states[request_id] = RequestState(request_id, prompt, prompt_token_ids, params,
+                                               sequences)
+
+    def sequence_ids(self, request_id: str) -> list[str]:
+        state = self.states.get(request_id)
+        return list(state.sequences) if state else []
+
+    def abort_request(self, request_id: str) -> None:
+        state = self.states.pop(request_id, None)
+        for sequence_id in (state.sequences if state else ()):
+            self.sequence_to_request.pop(sequence_id, None)
+
+    def has_request(self, request_id: str) -> bool:
+        return request_id in self.states
+
+    def process(self, core_outputs: list[EngineCoreOutput]) -> tuple[list[RequestOutput], list[str]]:
+        """Returns the outputs to hand to the user and the sequence ids stopped by a stop string."""
+        touched: dict[str, RequestState] = {}
+        stopped: list[str] = []
+        for core_output in core_outputs:
+            request_id = self.sequence_to_request.get(core_output.request_id)
+            if request_id is None:
+                continue
+            state = self.states[request_id]
+            state.num_cached_tokens = core_output.num_cached_tokens
+            sequence = state.sequences[core_output.request_id]
+            if self._update_sequence(sequence, core_output):
+                stopped.append(core_output.request_id)
+            touched[request_id] = state
+
+        outputs = []
+        for request_id, state in touched.items():
+            output = self._make_output(state)
+            if output is not None:
+                outputs.append(output)
+            if state.finished():
+                self.abort_request(request_id)
+        return outputs, stopped
+
+    def _update_sequence(self, sequence: SequenceState, core_output: EngineCoreOutput) -> bool:
+        """Apply one step; True when a stop string ended the sequence here."""
+        if sequence.finish_reason is not None:
+            return False
+        sequence.token_ids.extend(core_output.new_token_ids)
+        if core_output.new_logprobs and sequence.logprobs is not None:
+            for sample in core_output.new_logprobs:
+                sequence.logprobs.append(self._position_logprobs(sample))
+                sequence.cumulative_logprob += sample.logprobs[0]
+        stopped_by_string = False
+        if sequence.detokenizer is not None:
+            previous_length = len(sequence.text)
+            sequence.text += sequence.detokenizer.add_tokens(core_output.new_token_ids)
+            stop = find_stop_string(sequence.text, previous_length, sequence.params)
+            if stop is not None:
+                stop_string, cut = stop
+                sequence.text = sequence.text[:cut]
+                sequence.finish_reason, sequence.stop_reason = "stop", stop_string
+                stopped_by_string = True
+        if not stopped_by_string and core_output.finished:
+            sequence.finish_reason = core_output.finish_reason
+            sequence.stop_reason = core_output.stop_reason
+        return stopped_by_string and not core_output.finished
+
+    def _position_logprobs(self, sample: SampleLogprobs) -> PositionLogprobs:
+        entries: PositionLogprobs = {}
+        for position, (token_id, logprob) in enumerate(zip(sample.token_ids, sample.logprobs)):
+            if token_id in entries:
+                continue  # the sampled token is also among the top N
+            rank = sample.sampled_rank if position == 0 else position
+            entries[token_id] = Logprob(logprob, rank, self._decode_one(token_id))
+        return entries
+
+    def _decode_one(self, token_id: int) -> str | None:
+        return None if self.tokenizer is None else self.tokenizer.decode([token_id])
+
+    def _make_output(self, state: RequestState) -> RequestOutput | None:
+        kind = state.params.output_kind
+        finished = state.finished()
+        if kind == RequestOutputKind.FINAL_ONLY and not finished:
+            return None
+        completions = [self._completion(seq, kind == RequestOutputKind.DELTA)
+                       for seq in sorted(state.sequences.values(), key=lambda s: s.index)]
+        return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, completions,
+                             finished, state.num_cached_tokens)
+
+    @staticmethod
+    def _completion(sequence: SequenceState, delta: bool) -> CompletionOutput:
+        token_start = sequence.num_sent_tokens if delta else 0
+        text_start = sequence.num_sent_chars if delta else 0
+        text = sequence.text
+        if sequence.finish_reason is None and sequence.params.stop_strings:
+            # Hold back a tail that could still become a stop string.
+            hold = max(len(s) for s in sequence.params.stop_strings) - 1
+            text = text[:max(len(text) - hold, text_start)]
+        if delta:
+            sequence.num_sent_tokens = len(sequence.token_ids)
+            sequence.num_sent_chars = len(text)
+        logprobs = sequence.logprobs[token_start:] if sequence.logprobs is not None else None
+        return CompletionOutput(sequence.index, text[text_start:],
+                                sequence.token_ids[token_start:], sequence.cumulative_logprob,
+                                logprobs, sequence.finish_reason, sequence.stop_reason)
+
+
+def find_stop_string(text: str, previous_length: int,
+                     params: SamplingParams) -> tuple[str, int] | None:
+    """The first stop string in the newly grown part of ``text`` and where to cut."""
+    best = None
+    for stop in params.stop_strings:
+        start = max(0, previous_length - len(stop) + 1)
+        position = text.find(stop, start)
+        if position != -1 and (best is None or position < best[1]):
+            best = (stop, position)
+    if best is None:
+        return None
+    stop, position = best
+    cut = position + len(stop) if params.include_stop_str_in_output else position
+    return stop, cut

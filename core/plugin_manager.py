@@ -1,0 +1,117 @@
+"""Discovering plugins through entry points, with load errors kept and shown.
+
+``make_plugin_manager()`` returns a :class:`KvloomPluginManager`; nothing is
+stored at module level, so two engines in one process can see different plugin
+sets, and a fresh process (a worker, a server) rebuilds the same set from the
+same entry points.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any, Iterable
+
+import pluggy
+
+from kvloom import hookspecs
+
+logger = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "kvloom"
+
+
+@dataclass(slots=True)
+class PluginInfo:
+    """One loaded (or failed) plugin module."""
+
+    name: str
+    module: str
+    distribution: str | None
+    version: str | None
+    error: str | None = None
+
+
+class KvloomPluginManager(pluggy.PluginManager):
+    """A pluggy manager that also remembers where each plugin came from."""
+
+    def __init__(self) -> None:
+        super().__init__(hookspecs.PROJECT_NAME)
+        self.add_hookspecs(hookspecs)
+        self.plugin_infos: dict[str, PluginInfo] = {}
+
+    @property
+    def load_errors(self) -> list[PluginInfo]:
+        return [info for info in self.plugin_infos.values() if info.error]
+
+    def add_plugin(self, plugin: Any, name: str, distribution: str | None = None,
+                   version: str | None = None) -> None:
+        """Register a plugin object directly (tests, embedding applications)."""
+        module = getattr(plugin, "__name__", type(plugin).__name__)
+        if name in self.plugin_infos:
+            raise ValueError(f"a plugin named {name!r} is already registered "
+                             f"(from {self.plugin_infos[name].module})")
+        self.register(plugin, name=name)
+        self.plugin_infos[name] = PluginInfo(name, module, distribution, version)
+
+    def load_entry_points(self, allowlist: Iterable[str] | None = None) -> None:
+        """Import every ``kvloom`` entry point (only those in ``allowlist`` if given).
+
+        A plugin that fails to import is recorded in :attr:`load_errors` with the
+        exception text; it never stops the others from loading.
+        """
+        allowed = set(allowlist) if allowlist is not None else None
+        for entry_point in _unique_entry_points():
+            if allowed is not None and entry_point.name not in allowed:
+                continue
+            if entry_point.name in self.plugin_infos:
+                continue  # loading twice is a no-op, not an error
+            self._load_entry_point(entry_point)
+        if allowed is not None:
+            missing = allowed - set(self.plugin_infos)
+            for name in sorted(missing):
+                self.plugin_infos[name] = PluginInfo(
+                    name, "?", None, None,
+                    error="named in the plugin allow-list but no such entry point is installed")
+
+    def _load_entry_point(self, entry_point: EntryPoint) -> None:
+        dist = entry_point.dist
+        info = PluginInfo(
+            name=entry_point.name,
+            module=entry_point.value,
+            distribution=dist.name if dist else None,
+            version=dist.version if dist else None,
+        )
+        try:
+            plugin = entry_point.load()
+            self.register(plugin, name=entry_point.name)
+        except Exception as exc:  # a broken plugin must not take the engine down silently
+            info.error = f"{type(exc).__name__}: {exc}"
+            logger.error("kvloom plugin %r (%s) failed to load: %s",
+                         entry_point.name, entry_point.value, info.error)
+        self.plugin_infos[entry_point.name] = info
+
+
+def _unique_entry_points() -> list[EntryPoint]:
+    # The same distribution can be visible twice (e.g. an editable install plus
+    # a build directory on sys.path); keep the first of each name.
+    seen: dict[str, EntryPoint] = {}
+    for entry_point in entry_points(group=ENTRY_POINT_GROUP):
+        seen.setdefault(entry_point.name, entry_point)
+    return list(seen.values())
+
+
+def make_plugin_manager(allowlist: Iterable[str] | None = None,
+                        extra_plugins: dict[str, Any] | None = None) -> KvloomPluginManager:
+    """Build a plugin manager from installed entry points.
+
+    Args:
+        allowlist: entry-point names to load; None loads all of them.
+        extra_plugins: name -> plugin object registered in addition (not filtered).
+    """
+    manager = KvloomPluginManager()
+    manager.load_entry_points(allowlist)
+    for name, plugin in (extra_plugins or {}).items():
+        manager.add_plugin(plugin, name)
+    return manager

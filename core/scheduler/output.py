@@ -1,0 +1,72 @@
+"""Dataclasses the scheduler hands to the model runner and the output processor."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kvloom.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class ScheduledRequest:
+    """One request's share of a step.
+
+    Attributes:
+        token_ids: the tokens to run now (a slice of prompt + output).
+        num_computed_tokens: tokens already in the KV cache; the first new
+            token sits at this position.
+        block_ids: the request's whole block table.
+        sample: True when these tokens complete everything known, so the step
+            samples the next token; False for a non-final prefill chunk.
+        prompt_token_ids / output_token_ids: read-only views for penalties.
+        banned_token_ids: ids that must not be sampled yet (``min_tokens``).
+    """
+
+    request_id: str
+    token_ids: list[int]
+    num_computed_tokens: int
+    block_ids: list[int]
+    sample: bool
+    sampling_params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    banned_token_ids: list[int] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    """Everything the model runner needs for one step."""
+
+    scheduled: list[ScheduledRequest]
+    num_scheduled_tokens: int
+    finished_request_ids: set[str]
+    num_preempted: int = 0
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass(slots=True)
+class SampleLogprobs:
+    """Logprobs of one sampled position: the sampled id first, then the top N."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    sampled_rank: int
+
+
+@dataclass(slots=True)
+class EngineCoreOutput:
+    """What one step produced for one request."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[SampleLogprobs] | None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    num_cached_tokens: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None

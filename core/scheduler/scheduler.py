@@ -1,0 +1,227 @@
+"""Continuous batching with chunked prefill and preemption by recompute.
+
+Every request is a list of known tokens and a count of those already in the KV
+cache; a step gives each running request its uncomputed tokens (one for a
+decode, a chunk for a prefill) under a token budget, then admits waiting
+requests while budget, sequence slots and KV blocks last. When a running
+request cannot get a block, the lowest-priority running request is preempted:
+its blocks are freed and it later recomputes its prompt and output so far.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvloom.kv_cache.kv_cache_manager import KVCacheManager
+from kvloom.scheduler.output import EngineCoreOutput, ScheduledRequest, SchedulerOutput
+from kvloom.scheduler.request import Request, RequestStatus
+from kvloom.scheduler.waiting_queue import make_waiting_queue
+from kvloom.worker.runner_output import ModelRunnerOutput
+
+
+@dataclass(slots=True)
+class SchedulerLimits:
+    """Resolved scheduler limits (no Nones)."""
+
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+    enable_chunked_prefill: bool
+    policy: str = "fcfs"
+
+
+class Scheduler:
+    """Decides which tokens of which requests run in each step."""
+
+    def __init__(self, limits: SchedulerLimits, kv_cache_manager: KVCacheManager) -> None:
+        self.limits = limits
+        self.kv_cache_manager = kv_cache_manager
+        self.waiting = make_waiting_queue(limits.policy)
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.finished_request_ids: set[str] = set()
+        self.num_preemptions = 0
+
+    # ----------------------------------------------------------------- requests
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request_id {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
+        self.waiting.add(request)
+
+    def finish_requests(self, request_ids: list[str], status: RequestStatus) -> None:
+        """Finish requests from outside a step (abort, stop string); unknown ids are ignored."""
+        for request_id in request_ids:
+            request = self.requests.get(request_id)
+            if request is None or request.is_finished():
+                continue
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
+            request.status = status
+            self._free(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.running) or len(self.waiting) > 0
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    # ----------------------------------------------------------------- schedule
+    def schedule(self) -> SchedulerOutput:
+        budget = self.limits.max_num_batched_tokens
+        scheduled: dict[str, ScheduledRequest] = {}
+        budget, num_preempted = self._schedule_running(budget, scheduled)
+        if num_preempted == 0:  # admitting new work while evicting old would thrash
+            budget = self._schedule_waiting(budget, scheduled)
+        finished, self.finished_request_ids = self.finished_request_ids, set()
+        num_tokens = self.limits.max_num_batched_tokens - budget
+        return SchedulerOutput(list(scheduled.values()), num_tokens, finished, num_preempted)
+
+    def _schedule_running(self, budget: int,
+                          scheduled: dict[str, ScheduledRequest]) -> tuple[int, int]:
+        num_preempted = 0
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if num_new <= 0:
+                index += 1
+                continue
+            block_ids = self.kv_cache_manager.allocate_slots(request, num_new)
+            while block_ids is None:
+                victim = self._pick_victim()
+                victim_index = self.running.index(victim)
+                budget += self._preempt(victim, scheduled)
+                num_preempted += 1
+                if victim is request:
+                    break
+                if victim_index < index:
+                    index -= 1
+                block_ids = self.kv_cache_manager.allocate_slots(request, num_new)
+            if block_ids is None:
+                continue  # the request itself was preempted; ``index`` now points past it
+            scheduled[request.request_id] = self._make_scheduled(request, num_new, block_ids)
+            budget -= num_new
+            index += 1
+        return budget, num_preempted
+
+    def _schedule_waiting(self, budget: int, scheduled: dict[str, ScheduledRequest]) -> int:
+        while len(self.waiting) and budget > 0 and len(self.running) < self.limits.max_num_seqs:
+            request = self.waiting.peek()
+            hit = self.kv_cache_manager.find_prefix_hit(request)
+            num_new = request.num_tokens - hit.num_tokens
+            if not self.limits.enable_chunked_prefill and num_new > budget:
+                break
+            num_new = min(num_new, budget)
+            block_ids = self.kv_cache_manager.allocate_slots(request, num_new, hit)
+            if block_ids is None:
+                break
+            self.waiting.pop()
+            request.num_computed_tokens = hit.num_tokens
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = hit.num_tokens
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            scheduled[request.request_id] = self._make_scheduled(request, num_new, block_ids)
+            budget -= num_new
+        return budget
+
+    def _pick_victim(self) -> Request:
+        if self.limits.policy == "priority":
+            return max(self.running, key=lambda r: (r.priority, r.arrival_time))
+        return self.running[-1]
+
+    def _preempt(self, request: Request, scheduled: dict[str, ScheduledRequest]) -> int:
+        """Preempt a running request; returns the budget it gives back."""
+        self.running.remove(request)
+        self.kv_cache_manager.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.add_preempted(request)
+        unscheduled = scheduled.pop(request.request_id, None)
+        return len(unscheduled.token_ids) if unscheduled else 0
+
+    def _make_scheduled(self, request: Request, num_new: int,
+                        block_ids: list[int]) -> ScheduledRequest:
+        start = request.num_computed_tokens
+        params = request.sampling_params
+        banned: list[int] = []
+        if request.num_output_tokens < params.min_tokens:
+            banned = list(params.stop_token_ids or ())
+            if not params.ignore_eos:
+                banned += list(request.eos_token_ids)
+        return ScheduledRequest(
+            request_id=request.request_id,
+            token_ids=request.all_token_ids[start:start + num_new],
+            num_computed_tokens=start,
+            block_ids=block_ids,
+            sample=start + num_new == request.num_tokens,
+            sampling_params=params,
+            prompt_token_ids=request.prompt_token_ids,
+            output_token_ids=request.output_token_ids,
+            banned_token_ids=banned,
+        )
+
+    # ------------------------------------------------------------------ update
+    def update_from_output(self, scheduler_output: SchedulerOutput,
+                           runner_output: ModelRunnerOutput) -> list[EngineCoreOutput]:
+        """Advance requests by what the step computed and sampled."""
+        for item in scheduler_output.scheduled:
+            request = self.requests.get(item.request_id)
+            if request is not None and not request.is_finished():
+                request.num_computed_tokens += len(item.token_ids)
+
+        outputs = []
+        finished_any = False
+        for row, request_id in enumerate(runner_output.request_ids):
+            request = self.requests.get(request_id)
+            if request is None or request.is_finished():
+                continue
+            token_id = runner_output.sampled_token_ids[row]
+            request.append_output_token(token_id)
+            logprobs = runner_output.logprobs[row]
+            status = self._check_stop(request, token_id)
+            if status is not None:
+                request.status = status
+                finished_any = True
+                self._free(request)
+            outputs.append(EngineCoreOutput(
+                request_id=request_id,
+                new_token_ids=[token_id],
+                new_logprobs=[logprobs] if logprobs is not None else None,
+                finish_reason=request.status.finish_reason,
+                stop_reason=request.stop_reason,
+                num_cached_tokens=max(request.num_cached_tokens, 0),
+            ))
+        if finished_any:
+            self.running = [r for r in self.running if not r.is_finished()]
+        return outputs
+
+    def _check_stop(self, request: Request, token_id: int) -> RequestStatus | None:
+        if (request.num_output_tokens >= request.max_tokens
+                or request.num_tokens >= self.limits.max_model_len):
+            return RequestStatus.FINISHED_LENGTH
+        params = request.sampling_params
+        if request.num_output_tokens < params.min_tokens:
+            return None
+        if not params.ignore_eos and token_id in request.eos_token_ids:
+            return RequestStatus.FINISHED_STOPPED
+        if params.stop_token_ids and token_id in params.stop_token_ids:
+            request.stop_reason = token_id
+            return RequestStatus.FINISHED_STOPPED
+        return None
+
+    def _free(self, request: Request) -> None:
+        """Release a finished request's blocks and forget it."""
+        self.kv_cache_manager.free(request)
+        self.requests.pop(request.request_id, None)
+        self.finished_request_ids.add(request.request_id)

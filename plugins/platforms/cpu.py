@@ -1,0 +1,32 @@
+"""The CPU platform: always available, float32 first, the torch reference attention."""
+
+from __future__ import annotations
+
+import torch
+
+from kvloom.hookspecs import hookimpl
+from kvloom.interfaces.platform import Platform
+
+DEFAULT_CPU_KV_CACHE_BYTES = 4 << 30  # vLLM's CPU default KV space is 4 GiB too
+
+
+@hookimpl
+def register_platforms(register):
+    register("cpu", CpuPlatform, priority=0)
+
+
+class CpuPlatform(Platform):
+    name = "cpu"
+    device_type = "cpu"
+
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def supported_dtypes(self) -> list[torch.dtype]:
+        return [torch.float32, torch.bfloat16, torch.float16]
+
+    def attention_candidates(self) -> list[str]:
+        return ["torch"]
+
+    def kv_cache_memory_bytes(self, requested_bytes: int | None, memory_fraction: float) -> int:
+        return requested_bytes if requested_bytes is not None else DEFAULT_CPU_KV_CACHE_BYTES
