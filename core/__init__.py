@@ -1,7 +1,7 @@
 """kvloom: a small, pluggable LLM inference engine in the vLLM V1 mould.
 
-Public names are imported lazily, so ``import kvloom`` stays cheap (the CLI's
-``kvloom plugins`` never loads torch).
+Public names are imported lazily, so ``import kvloom`` does not load torch or
+transformers until something needs them.
 """
 
 from __future__ import annotations

@@ -32,12 +32,18 @@ class Section(BaseModel):
     @classmethod
     def _reject_unknown_keys(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            unknown = sorted(set(data) - set(cls.model_fields))
+            valid = cls.valid_keys()
+            unknown = sorted(set(data) - set(valid), key=str)
             if unknown:
                 raise ValueError(
                     f"unknown key(s) {', '.join(map(repr, unknown))} in {cls.__name__}; "
-                    f"valid keys: {', '.join(sorted(cls.model_fields))}")
+                    f"valid keys: {', '.join(valid)}")
         return data
+
+    @classmethod
+    def valid_keys(cls) -> list[str]:
+        """The keys this section accepts, sorted."""
+        return sorted(cls.model_fields)
 
 
 DTypeName = Literal["auto", "float32", "float16", "bfloat16"]
@@ -120,6 +126,11 @@ class EngineConfig(Section):
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     speculative: SpeculativeConfig | None = None
     plugins: list[str] | None = None
+
+    @classmethod
+    def valid_keys(cls) -> list[str]:
+        # ``dtype: bfloat16`` next to ``model:`` is valid too, so a typo's error offers it.
+        return sorted(set(cls.model_fields) | _MODEL_SHORTCUT_KEYS)
 
     @model_validator(mode="before")
     @classmethod

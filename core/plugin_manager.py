@@ -52,8 +52,36 @@ class KvloomPluginManager(pluggy.PluginManager):
         if name in self.plugin_infos:
             raise ValueError(f"a plugin named {name!r} is already registered "
                              f"(from {self.plugin_infos[name].module})")
-        self.register(plugin, name=name)
+        self._register_checked(plugin, name)
         self.plugin_infos[name] = PluginInfo(name, module, distribution, version)
+
+    def _register_checked(self, plugin: Any, name: str) -> None:
+        """Register ``plugin`` completely or not at all.
+
+        pluggy leaves a plugin half-registered when one of its hooks fails
+        validation, and accepts hooks that no spec names, so a misspelled hook
+        (``register_sampler``) would never be called nor reported. Both are
+        refused here. Mark a hook ``@hookimpl(optionalhook=True)`` to implement
+        one newer than this kvloom.
+        """
+        try:
+            self.register(plugin, name=name)
+            self._check_hooks_known(plugin, name)
+        except Exception:
+            if self.get_plugin(name) is plugin:
+                self.unregister(plugin)
+            raise
+
+    def _check_hooks_known(self, plugin: Any, name: str) -> None:
+        unknown = sorted(
+            caller.name for caller in self.get_hookcallers(plugin) or ()
+            if not caller.has_spec()
+            and any(impl.plugin is plugin and not impl.optionalhook
+                    for impl in caller.get_hookimpls()))
+        if unknown:
+            known = sorted(hook for hook, caller in vars(self.hook).items() if caller.has_spec())
+            raise ValueError(f"plugin {name!r} implements unknown hook(s) {', '.join(unknown)}; "
+                             f"kvloom hooks: {', '.join(known)}")
 
     def load_entry_points(self, allowlist: Iterable[str] | None = None) -> None:
         """Import every ``kvloom`` entry point (only those in ``allowlist`` if given).
@@ -85,9 +113,10 @@ class KvloomPluginManager(pluggy.PluginManager):
         )
         try:
             plugin = entry_point.load()
-            self.register(plugin, name=entry_point.name)
+            self._register_checked(plugin, entry_point.name)
         except Exception as exc:  # a broken plugin must not take the engine down silently
-            info.error = f"{type(exc).__name__}: {exc}"
+            # One line, so `kvloom plugins` keeps one row per plugin (pluggy's are multi-line).
+            info.error = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
             logger.error("kvloom plugin %r (%s) failed to load: %s",
                          entry_point.name, entry_point.value, info.error)
         self.plugin_infos[entry_point.name] = info

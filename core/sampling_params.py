@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 # make the engine allocate vocabulary-sized results per step.
 MAX_LOGPROBS = 20
 MAX_N = 128
+# Temperatures below this are greedy: dividing logits by them overflows (as in vLLM).
+GREEDY_TEMPERATURE = 1e-5
 
 
 class RequestOutputKind(enum.Enum):
@@ -62,7 +64,7 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE
 
     def _check_counts(self) -> None:
         _require_int("n", self.n)

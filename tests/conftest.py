@@ -10,6 +10,18 @@ import pytest
 from kvloom.testing.checkpoints import TinyQwen2Spec, make_tiny_qwen2
 
 
+@pytest.fixture(autouse=True, scope="session")
+def single_torch_thread():
+    """Tiny matrices: a second intra-op thread only adds synchronisation, and stalls
+    badly when other processes share the cores."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def tiny_qwen2_factory(tmp_path_factory):
     """make(spec=None, num_shards=1) -> path of a tiny random Qwen2 checkpoint (cached)."""

@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 # Prompt tokens fed to the decoder first, so the first output token is decoded
-# in context (a leading space is kept, as in the full decode).
+# in context (a leading space is kept, as in the full decode). If the last few
+# prompt tokens end inside a multi-byte character, a longer suffix is tried.
 NUM_CONTEXT_TOKENS = 6
+MAX_CONTEXT_TOKENS = 24
 
 
 class IncrementalDetokenizer:
@@ -23,11 +25,27 @@ class IncrementalDetokenizer:
             from tokenizers.decoders import DecodeStream
 
             self.backend = backend
-            context = prompt_token_ids[-NUM_CONTEXT_TOKENS:]
+            context = self._clean_context(prompt_token_ids)
             try:
                 self.stream = DecodeStream(ids=context, skip_special_tokens=skip_special_tokens)
             except TypeError:  # tokenizers < 0.21.1 has no prefill argument
                 self.stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+
+    def _clean_context(self, prompt_token_ids: list[int]) -> list[int]:
+        """The shortest prompt suffix (of at least NUM_CONTEXT_TOKENS) that decodes to
+        complete characters, or no context at all.
+
+        DecodeStream only takes a prefill whose text does not end in an incomplete
+        character as its prefix; otherwise its first step returns the prefill's text
+        too, and the prompt's tail would leak into the output.
+        """
+        longest = min(len(prompt_token_ids), MAX_CONTEXT_TOKENS)
+        for length in range(min(NUM_CONTEXT_TOKENS, longest), longest + 1):
+            context = prompt_token_ids[-length:]
+            text = self.tokenizer.decode(context, skip_special_tokens=self.skip_special_tokens)
+            if not text.endswith("\ufffd"):
+                return context
+        return []
 
     def add_tokens(self, token_ids: list[int]) -> str:
         """Feed new tokens; returns the text they completed (possibly empty)."""

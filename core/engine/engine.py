@@ -59,19 +59,29 @@ class Engine:
     def add_request(self, request_id: str, prompt: PromptType,
                     params: SamplingParams | None = None, *, priority: int = 0,
                     cache_salt: str | None = None, arrival_time: float | None = None) -> None:
-        """Validate and queue a request; raises ValueError naming the bad field."""
+        """Validate and queue a request; raises ValueError naming the bad field.
+
+        Every check runs before any state changes, so a rejected request leaves
+        the engine exactly as it was.
+        """
         if not isinstance(request_id, str) or not request_id:
             raise ValueError("request_id must be a non-empty string")
-        if self.output_processor.has_request(request_id):
-            raise ValueError(f"request_id {request_id!r} is already in use")
         params = params if params is not None else SamplingParams()
         processed = self.input_processor.process_prompt(prompt)
         requests = self.input_processor.make_requests(request_id, processed, params, priority,
                                                       cache_salt, arrival_time)
+        self._check_ids_free(request_id, [r.request_id for r in requests])
         self.output_processor.add_request(request_id, processed.text, processed.token_ids,
                                           params, [r.request_id for r in requests],
                                           [r.sampling_params for r in requests])
         self.core.add_requests(requests)
+
+    def _check_ids_free(self, request_id: str, sequence_ids: list[str]) -> None:
+        """Neither the request id nor any of its samples' ids may be in use."""
+        for rid in (request_id, *sequence_ids):
+            if self.output_processor.has_request(rid) or self.output_processor.has_sequence(rid):
+                detail = "" if rid == request_id else f" (its sample id {rid!r} is taken)"
+                raise ValueError(f"request_id {request_id!r} is already in use{detail}")
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduling step; returns outputs of requests that advanced."""
@@ -109,10 +119,13 @@ class Engine:
         )
 
     def _notify_step(self) -> None:
-        hook = self.plugin_manager.hook.on_engine_step
-        if not hook.get_hookimpls():
+        implementations = self.plugin_manager.hook.on_engine_step.get_hookimpls()
+        if not implementations:
             return
-        try:
-            hook(stats=self.get_stats())
-        except Exception:  # an observer must never break generation
-            logger.exception("an on_engine_step hook raised")
+        stats = self.get_stats()
+        # Each observer on its own: one that raises must not starve the others.
+        for impl in implementations:
+            try:
+                impl.function(**{arg: stats for arg in impl.argnames if arg == "stats"})
+            except Exception:  # an observer must never break generation
+                logger.exception("on_engine_step of plugin %r raised", impl.plugin_name)

@@ -32,6 +32,11 @@ _KWARG_TO_SECTION = {
 
 def engine_config_from_kwargs(model: str, **kwargs: Any) -> EngineConfig:
     """Map vLLM-style ``LLM(...)`` keyword arguments onto an EngineConfig."""
+    valid = set(_KWARG_TO_SECTION) | set(EngineConfig.valid_keys())
+    unknown = sorted(set(kwargs) - valid)
+    if unknown:
+        raise ValueError(f"unknown LLM argument(s) {', '.join(map(repr, unknown))}; "
+                         f"valid keys: {', '.join(sorted(valid))}")
     data: dict[str, Any] = {"model": model}
     for key, value in kwargs.items():
         if value is None:
@@ -77,17 +82,25 @@ class LLM:
 
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = False) -> list[RequestOutput]:
-        """Run every prompt to completion; results come back in input order."""
+                 use_tqdm: bool = False,
+                 priority: Sequence[int] | None = None) -> list[RequestOutput]:
+        """Run every prompt to completion; results come back in input order.
+
+        ``priority`` (one int per prompt, lower runs first) matters only with
+        ``scheduling_policy="priority"``.
+        """
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         prompts = list(prompts)
         params_list = self._params_per_prompt(sampling_params, len(prompts))
+        priorities = list(priority) if priority is not None else [0] * len(prompts)
+        if len(priorities) != len(prompts):
+            raise ValueError(f"got {len(priorities)} priorities for {len(prompts)} prompts")
         request_ids = []
         try:
-            for prompt, params in zip(prompts, params_list):
+            for prompt, params, prio in zip(prompts, params_list, priorities):
                 request_id = str(next(self._request_counter))
-                self.engine.add_request(request_id, prompt, params)
+                self.engine.add_request(request_id, prompt, params, priority=prio)
                 request_ids.append(request_id)
         except Exception:
             self.engine.abort_request(request_ids)  # leave nothing half-queued

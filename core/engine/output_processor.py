@@ -80,6 +80,9 @@ class OutputProcessor:
     def has_request(self, request_id: str) -> bool:
         return request_id in self.states
 
+    def has_sequence(self, sequence_id: str) -> bool:
+        return sequence_id in self.sequence_to_request
+
     def process(self, core_outputs: list[EngineCoreOutput]) -> tuple[list[RequestOutput], list[str]]:
         """Returns the outputs to hand to the user and the sequence ids stopped by a stop string."""
         touched: dict[str, RequestState] = {}
@@ -108,6 +111,7 @@ class OutputProcessor:
         """Apply one step; True when a stop string ended the sequence here."""
         if sequence.finish_reason is not None:
             return False
+        num_previous_tokens = len(sequence.token_ids)
         sequence.token_ids.extend(core_output.new_token_ids)
         if core_output.new_logprobs and sequence.logprobs is not None:
             for sample in core_output.new_logprobs:
@@ -115,14 +119,7 @@ class OutputProcessor:
                 sequence.cumulative_logprob += sample.logprobs[0]
         stopped_by_string = False
         if sequence.detokenizer is not None:
-            previous_length = len(sequence.text)
-            sequence.text += sequence.detokenizer.add_tokens(core_output.new_token_ids)
-            stop = find_stop_string(sequence.text, previous_length, sequence.params)
-            if stop is not None:
-                stop_string, cut = stop
-                sequence.text = sequence.text[:cut]
-                sequence.finish_reason, sequence.stop_reason = "stop", stop_string
-                stopped_by_string = True
+            stopped_by_string = _update_text(sequence, core_output, num_previous_tokens)
         if not stopped_by_string and core_output.finished:
             sequence.finish_reason = core_output.finish_reason
             sequence.stop_reason = core_output.stop_reason
@@ -166,6 +163,34 @@ class OutputProcessor:
         return CompletionOutput(sequence.index, text[text_start:],
                                 sequence.token_ids[token_start:], sequence.cumulative_logprob,
                                 logprobs, sequence.finish_reason, sequence.stop_reason)
+
+
+def _update_text(sequence: SequenceState, core_output: EngineCoreOutput,
+                 num_previous_tokens: int) -> bool:
+    """Detokenize a step's tokens; True when a stop string ended the sequence.
+
+    As in vLLM, the text of the EOS or stop token id that ended a sequence is left
+    out (unless ``include_stop_str_in_output``), and stop strings are only looked
+    for in text that tokens after the first ``min_tokens`` produced.
+    """
+    params = sequence.params
+    token_ids = core_output.new_token_ids
+    if core_output.finish_reason == "stop" and not params.include_stop_str_in_output:
+        token_ids = token_ids[:-1]
+    search_start = len(sequence.text)
+    for num_tokens, token_id in enumerate(token_ids, start=num_previous_tokens + 1):
+        sequence.text += sequence.detokenizer.add_tokens([token_id])
+        if num_tokens <= params.min_tokens:
+            search_start = len(sequence.text)
+    if not params.stop_strings or len(sequence.token_ids) <= params.min_tokens:
+        return False
+    stop = find_stop_string(sequence.text, search_start, params)
+    if stop is None:
+        return False
+    stop_string, cut = stop
+    sequence.text = sequence.text[:cut]
+    sequence.finish_reason, sequence.stop_reason = "stop", stop_string
+    return True
 
 
 def find_stop_string(text: str, previous_length: int,

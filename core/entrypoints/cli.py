@@ -23,8 +23,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args)
     except (ValueError, FileNotFoundError) as exc:
-        print(f"kvloom: error: {exc}", file=sys.stderr)
+        print(f"kvloom: error: {one_line_error(exc)}", file=sys.stderr)
         return 2
+
+
+def one_line_error(exc: Exception) -> str:
+    """A user-facing error on one line; pydantic's multi-line report becomes ``field: why``."""
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        return "; ".join(_describe_validation_error(error) for error in exc.errors())
+    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+
+
+def _describe_validation_error(error: dict) -> str:
+    field = ".".join(str(part) for part in error.get("loc", ()))
+    message = error.get("msg", "invalid value").removeprefix("Value error, ")
+    value = error.get("input")
+    if field and error.get("type") != "value_error" and not isinstance(value, (dict, list)):
+        message = f"{message} (got {value!r})"
+    return f"{field}: {message}" if field else message
 
 
 if __name__ == "__main__":

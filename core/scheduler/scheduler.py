@@ -207,17 +207,18 @@ class Scheduler:
         return outputs
 
     def _check_stop(self, request: Request, token_id: int) -> RequestStatus | None:
+        # A stop token wins over the length limit it coincides with: the model
+        # did finish, so the reason is "stop" (as in vLLM), not "length".
+        params = request.sampling_params
+        if request.num_output_tokens >= params.min_tokens:
+            if not params.ignore_eos and token_id in request.eos_token_ids:
+                return RequestStatus.FINISHED_STOPPED
+            if params.stop_token_ids and token_id in params.stop_token_ids:
+                request.stop_reason = token_id
+                return RequestStatus.FINISHED_STOPPED
         if (request.num_output_tokens >= request.max_tokens
                 or request.num_tokens >= self.limits.max_model_len):
             return RequestStatus.FINISHED_LENGTH
-        params = request.sampling_params
-        if request.num_output_tokens < params.min_tokens:
-            return None
-        if not params.ignore_eos and token_id in request.eos_token_ids:
-            return RequestStatus.FINISHED_STOPPED
-        if params.stop_token_ids and token_id in params.stop_token_ids:
-            request.stop_reason = token_id
-            return RequestStatus.FINISHED_STOPPED
         return None
 
     def _free(self, request: Request) -> None:

@@ -7,6 +7,10 @@ import torch
 from kvloom.hookspecs import hookimpl
 from kvloom.interfaces.sampler import Sampler, SamplerOutput, SamplingMetadata
 
+# Temperatures below this are greedy, as in vLLM: dividing logits by a tinier one
+# can overflow to inf, and softmax then turns the row into NaN.
+_SAMPLING_EPS = 1e-5
+
 
 @hookimpl
 def register_samplers(register):
@@ -34,15 +38,15 @@ class DefaultSampler(Sampler):
         if metadata.all_greedy:
             sampled = greedy
         else:
-            sampled = self._sample_random(logits, metadata)
-            if not metadata.all_random:
-                sampled = torch.where(metadata.temperature == 0.0, greedy, sampled)
+            # Not gated on all_random: that flag only knows about temperature 0.
+            sampled = torch.where(metadata.temperature < _SAMPLING_EPS, greedy,
+                                  self._sample_random(logits, metadata))
         if raw_logprobs is None:
             return SamplerOutput(sampled)
         return _gather_logprobs(raw_logprobs, sampled, metadata.max_num_logprobs)
 
     def _sample_random(self, logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
-        temperature = torch.where(metadata.temperature == 0.0, 1.0, metadata.temperature)
+        temperature = torch.where(metadata.temperature < _SAMPLING_EPS, 1.0, metadata.temperature)
         logits = logits / temperature.unsqueeze(1)
         if bool((metadata.min_p > 0).any()):
             logits = apply_min_p(logits, metadata.min_p)

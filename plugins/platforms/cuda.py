@@ -1,0 +1,59 @@
+"""The CUDA platform: NVIDIA GPUs, bf16/fp16, KV cache sized from free memory."""
+
+from __future__ import annotations
+
+import torch
+
+from kvloom.hookspecs import hookimpl
+from kvloom.interfaces.platform import Platform
+
+
+@hookimpl
+def register_platforms(register):
+    register("cuda", CudaPlatform, priority=10)
+
+
+class CudaPlatform(Platform):
+    """One CUDA device (``cuda:0``).
+
+    The KV cache gets ``gpu_memory_utilization`` of the device's total memory
+    minus what the weights, the profiling forward pass's peak activations and
+    non-torch allocations (CUDA context, NCCL, other processes) take.
+    """
+
+    name = "cuda"
+    device_type = "cuda"
+    supports_cuda_graphs = True
+    uses_pinned_memory = True
+
+    def validate(self) -> list[str]:
+        if not torch.cuda.is_available():
+            return ["torch.cuda.is_available() is False (no CUDA device or CPU-only torch)"]
+        return []
+
+    def device(self) -> torch.device:
+        return torch.device("cuda", 0)
+
+    def supported_dtypes(self) -> list[torch.dtype]:
+        if torch.cuda.is_bf16_supported():
+            return [torch.bfloat16, torch.float16, torch.float32]
+        return [torch.float16, torch.float32]
+
+    def attention_candidates(self) -> list[str]:
+        return ["triton", "torch"]
+
+    def kv_cache_memory_bytes(self, requested_bytes: int | None, memory_fraction: float) -> int:
+        if requested_bytes is not None:
+            return requested_bytes
+        torch.cuda.synchronize()
+        free, total = torch.cuda.mem_get_info()
+        peak_torch = torch.cuda.max_memory_allocated()
+        non_torch = max(0, (total - free) - torch.cuda.memory_reserved())
+        return max(0, int(total * memory_fraction) - peak_torch - non_torch)
+
+    def seed_everything(self, seed: int) -> None:
+        torch.manual_seed(seed)
+        torch.cuda.manual_seed_all(seed)
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize()
