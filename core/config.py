@@ -63,6 +63,15 @@ class ModelConfig(Section):
     trust_remote_code: bool = False
     revision: str | None = None
     skip_tokenizer_init: bool = False
+    enforce_eager: bool = False
+    cuda_graph_sizes: list[int] | None = None
+
+    @field_validator("cuda_graph_sizes")
+    @classmethod
+    def _positive_sizes(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and any(size < 1 for size in value):
+            raise ValueError("cuda_graph_sizes must be positive batch sizes")
+        return value
 
     @field_validator("dtype", mode="before")
     @classmethod

@@ -17,6 +17,8 @@ from kvloom.interfaces.platform import Platform
 from kvloom.kv_cache.kv_cache_manager import KVCacheManager
 from kvloom.registry import PluginSelectionError, Registries
 from kvloom.scheduler.scheduler import Scheduler, SchedulerLimits
+from kvloom.worker.cuda_graphs import default_capture_sizes
+from kvloom.worker.input_batch import InputBuffers
 from kvloom.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -58,23 +60,55 @@ def build_engine(config: EngineConfig, registries: Registries) -> EngineComponen
     loader.load_weights(model, config.model)
     model.eval()
 
+    limits = resolve_scheduler_limits(config, max_model_len)
+    runner = _build_runner(config, registries, platform, model, backend, limits)
+    if platform.device_type == "cuda":
+        # The KV cache gets what the largest step leaves free.
+        runner.profile_run(min(limits.max_num_batched_tokens, max_model_len),
+                           limits.max_num_seqs)
     spec = _full_spec(model.attention_spec(), config, platform)
     num_blocks = resolve_num_blocks(config, platform, spec, model.num_attention_layers(),
                                     max_model_len)
-    kv_caches = [torch.zeros(backend.kv_cache_shape(num_blocks, spec), dtype=dtype,
-                             device=platform.device())
-                 for _ in range(model.num_attention_layers())]
+    runner.initialize_kv_caches([
+        torch.zeros(backend.kv_cache_shape(num_blocks, spec), dtype=dtype,
+                    device=platform.device())
+        for _ in range(model.num_attention_layers())])
     logger.info("KV cache: %d blocks of %d tokens", num_blocks, config.cache.block_size)
+    if use_cuda_graphs(config, platform, backend):
+        runner.capture_cuda_graphs(
+            config.model.cuda_graph_sizes or default_capture_sizes(limits.max_num_seqs))
 
     kv_cache_manager = KVCacheManager(num_blocks, config.cache.block_size,
                                       config.cache.enable_prefix_caching)
-    scheduler = Scheduler(resolve_scheduler_limits(config, max_model_len), kv_cache_manager)
-    sampler = registries["sampler"].create(config.sampler)
-    runner = ModelRunner(model, backend, sampler, kv_caches, config.cache.block_size,
-                         platform.device())
+    scheduler = Scheduler(limits, kv_cache_manager)
     return EngineComponents(platform, attention_name, tokenizer, hf_config, dtype, max_model_len,
                             eos_token_ids(config, hf_config, tokenizer), scheduler, runner,
                             kv_cache_manager)
+
+
+def _build_runner(config: EngineConfig, registries: Registries, platform: Platform,
+                  model: torch.nn.Module, backend: AttentionBackend,
+                  limits: SchedulerLimits) -> ModelRunner:
+    block_size = config.cache.block_size
+    buffers = InputBuffers(
+        max_num_tokens=max(limits.max_num_batched_tokens, limits.max_num_seqs),
+        max_num_seqs=limits.max_num_seqs,
+        max_blocks_per_seq=-(-limits.max_model_len // block_size),
+        device=platform.device(), pin_memory=getattr(platform, "uses_pinned_memory", False))
+    sampler = registries["sampler"].create(config.sampler)
+    return ModelRunner(model, backend, sampler, buffers, block_size, platform.device())
+
+
+def use_cuda_graphs(config: EngineConfig, platform: Platform, backend: AttentionBackend) -> bool:
+    """Graphs need a platform and backend that support them, and no enforce_eager."""
+    if config.model.enforce_eager:
+        return False
+    supported = (getattr(platform, "supports_cuda_graphs", False)
+                 and getattr(backend, "supports_cuda_graphs", False))
+    if not supported:
+        logger.info("CUDA graphs off: platform %r or attention backend %r does not support them",
+                    platform.name, getattr(backend, "name", "?"))
+    return supported
 
 
 def _build_model(config: EngineConfig, registries: Registries, platform: Platform,

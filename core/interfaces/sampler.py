@@ -29,6 +29,9 @@ class SamplingMetadata:
         max_num_logprobs: the largest ``logprobs`` any row asked for (None: no row).
         all_greedy / all_random: shortcuts for the common uniform batches.
         no_penalties: True when no row uses a penalty.
+        any_min_p / any_top_k_top_p: host-side flags saying whether any row
+            uses those filters, so the sampler need not ask the device (None:
+            unknown, check the tensors).
     """
 
     temperature: torch.Tensor
@@ -46,6 +49,8 @@ class SamplingMetadata:
     all_greedy: bool
     all_random: bool
     no_penalties: bool
+    any_min_p: bool | None = None
+    any_top_k_top_p: bool | None = None
 
 
 @dataclass(slots=True)

@@ -1,4 +1,10 @@
-"""Flattening a scheduled batch into the model's input tensors."""
+"""Flattening a scheduled batch into the model's input tensors.
+
+The runner owns one :class:`InputBuffers`: host buffers (pinned on GPUs, so the
+copies are asynchronous) and device buffers of the largest step's size. Each
+step fills a prefix of the host buffers with numpy and copies it over; the
+device buffers double as the static inputs of captured CUDA graphs.
+"""
 
 from __future__ import annotations
 
@@ -13,14 +19,16 @@ from kvloom.scheduler.output import ScheduledRequest
 
 @dataclass(slots=True)
 class ModelInputs:
-    """One step's tensors.
+    """One step's tensors (views into the runner's device buffers).
 
     Attributes:
-        input_ids / positions: [num_tokens] on the device.
+        input_ids / positions: [num_tokens] on the device (padded to a CUDA
+            graph's batch size when one is used).
         attention: the ragged layout for the attention backend.
         logits_indices: [num_sampled] rows of the hidden states to turn into
             logits (the last token of each request that samples).
         sampled_rows: indices into the scheduled list of those requests.
+        num_tokens: real (unpadded) token count.
     """
 
     input_ids: torch.Tensor
@@ -28,60 +36,125 @@ class ModelInputs:
     attention: AttentionInputs
     logits_indices: torch.Tensor
     sampled_rows: list[int]
+    num_tokens: int
 
 
-def build_model_inputs(scheduled: list[ScheduledRequest], block_size: int,
-                       device: torch.device) -> ModelInputs:
-    """Vectorized (numpy) preparation of input ids, positions, slots and block tables."""
-    query_lens = np.array([len(item.token_ids) for item in scheduled], dtype=np.int64)
-    num_computed = np.array([item.num_computed_tokens for item in scheduled], dtype=np.int64)
-    seq_lens = num_computed + query_lens
-    query_start_loc = np.zeros(len(scheduled) + 1, dtype=np.int64)
-    np.cumsum(query_lens, out=query_start_loc[1:])
-    num_tokens = int(query_start_loc[-1])
+class InputBuffers:
+    """Host and device buffers for up to ``max_num_tokens`` tokens and ``max_num_seqs`` sequences."""
 
-    # Position of each token: its request's first new position plus its offset.
-    request_of_token = np.repeat(np.arange(len(scheduled)), query_lens)
-    offsets = np.arange(num_tokens) - query_start_loc[:-1][request_of_token]
-    positions = num_computed[request_of_token] + offsets
+    def __init__(self, max_num_tokens: int, max_num_seqs: int, max_blocks_per_seq: int,
+                 device: torch.device, pin_memory: bool) -> None:
+        self.device = device
+        self.max_num_tokens = max_num_tokens
+        self.max_num_seqs = max_num_seqs
+        self.max_blocks_per_seq = max_blocks_per_seq
 
-    block_table = _padded_block_table(scheduled)
-    slot_mapping = (block_table[request_of_token, positions // block_size] * block_size
-                    + positions % block_size)
-    input_ids = np.fromiter((t for item in scheduled for t in item.token_ids),
-                            dtype=np.int64, count=num_tokens)
+        def pair(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+            host = torch.zeros(shape, dtype=dtype, pin_memory=pin_memory)
+            return host, torch.zeros(shape, dtype=dtype, device=device)
 
-    sampled_rows = [row for row, item in enumerate(scheduled) if item.sample]
-    logits_indices = query_start_loc[1:][sampled_rows] - 1
+        self.input_ids = pair((max_num_tokens,), torch.int64)
+        self.positions = pair((max_num_tokens,), torch.int64)
+        self.slot_mapping = pair((max_num_tokens,), torch.int64)
+        self.query_start_loc = pair((max_num_seqs + 1,), torch.int32)
+        self.seq_lens = pair((max_num_seqs,), torch.int32)
+        self.block_tables = pair((max_num_seqs, max_blocks_per_seq), torch.int32)
+        self.logits_indices = pair((max_num_seqs,), torch.int64)
+        # The host buffers are rewritten every step: wait until the last step's
+        # asynchronous copies have read them.
+        self._uploaded = torch.cuda.Event() if device.type == "cuda" else None
 
-    def to_device(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-        return torch.from_numpy(array).to(device=device, dtype=dtype, non_blocking=True)
+    def prepare(self, scheduled: list[ScheduledRequest], block_size: int,
+                pad_to: int | None = None) -> ModelInputs:
+        """Fill the buffers for one step; ``pad_to`` pads a decode batch for a CUDA graph.
 
-    seq_lens_cpu = torch.from_numpy(seq_lens.astype(np.int32))
-    query_start_loc_cpu = torch.from_numpy(query_start_loc.astype(np.int32))
-    attention = AttentionInputs(
-        query_start_loc=query_start_loc_cpu.to(device),
-        seq_lens=seq_lens_cpu.to(device),
-        block_tables=to_device(block_table, torch.int32),
-        slot_mapping=to_device(slot_mapping, torch.int64),
-        query_start_loc_cpu=query_start_loc_cpu,
-        seq_lens_cpu=seq_lens_cpu,
-        max_query_len=int(query_lens.max()),
-        max_seq_len=int(seq_lens.max()),
-        num_decode_tokens=int((query_lens == 1).sum()),
-    )
-    return ModelInputs(
-        input_ids=to_device(input_ids, torch.int64),
-        positions=to_device(positions, torch.int64),
-        attention=attention,
-        logits_indices=to_device(np.asarray(logits_indices, dtype=np.int64), torch.int64),
-        sampled_rows=sampled_rows,
-    )
+        Padding sequences have length 0 and padding tokens slot -1, so
+        attention skips them.
+        """
+        if self._uploaded is not None:
+            self._uploaded.synchronize()
+        num_seqs = len(scheduled)
+        query_lens = np.fromiter((len(item.token_ids) for item in scheduled), np.int64, num_seqs)
+        num_computed = np.fromiter((item.num_computed_tokens for item in scheduled), np.int64,
+                                   num_seqs)
+        num_tokens = int(query_lens.sum())
+        padded_seqs = pad_to or num_seqs
+        padded_tokens = num_tokens + (padded_seqs - num_seqs)
 
+        query_start = self.query_start_loc[0].numpy()
+        query_start[0] = 0
+        np.cumsum(query_lens, out=query_start[1:num_seqs + 1])
+        query_start[num_seqs + 1:padded_seqs + 1] = num_tokens + np.arange(
+            1, padded_seqs - num_seqs + 1)
+        seq_lens = self.seq_lens[0].numpy()
+        seq_lens[:num_seqs] = num_computed + query_lens
+        seq_lens[num_seqs:padded_seqs] = 0
 
-def _padded_block_table(scheduled: list[ScheduledRequest]) -> np.ndarray:
-    width = max(len(item.block_ids) for item in scheduled)
-    table = np.zeros((len(scheduled), width), dtype=np.int64)
-    for row, item in enumerate(scheduled):
-        table[row, :len(item.block_ids)] = item.block_ids
-    return table
+        # Position of each token: its request's first new position plus its offset.
+        request_of_token = np.repeat(np.arange(num_seqs), query_lens)
+        offsets = np.arange(num_tokens) - query_start[:num_seqs][request_of_token]
+        positions = self.positions[0].numpy()
+        positions[:num_tokens] = num_computed[request_of_token] + offsets
+        positions[num_tokens:padded_tokens] = 0
+
+        width = self._fill_block_tables(scheduled)
+        table = self.block_tables[0].numpy()
+        slots = self.slot_mapping[0].numpy()
+        token_positions = positions[:num_tokens]
+        slots[:num_tokens] = (table[request_of_token, token_positions // block_size]
+                              * block_size + token_positions % block_size)
+        slots[num_tokens:padded_tokens] = -1
+        input_ids = self.input_ids[0].numpy()
+        input_ids[:num_tokens] = np.fromiter(
+            (t for item in scheduled for t in item.token_ids), np.int64, num_tokens)
+        input_ids[num_tokens:padded_tokens] = 0
+
+        sampled_rows = [row for row, item in enumerate(scheduled) if item.sample]
+        logits_indices = self.logits_indices[0].numpy()
+        logits_indices[:len(sampled_rows)] = query_start[1:][sampled_rows] - 1
+
+        self._upload(padded_tokens, padded_seqs, width, len(sampled_rows))
+        max_query_len = int(query_lens.max()) if num_seqs else 0
+        attention = AttentionInputs(
+            query_start_loc=self.query_start_loc[1][:padded_seqs + 1],
+            seq_lens=self.seq_lens[1][:padded_seqs],
+            block_tables=self.block_tables[1][:padded_seqs, :max(width, 1)],
+            slot_mapping=self.slot_mapping[1][:padded_tokens],
+            query_start_loc_cpu=self.query_start_loc[0][:padded_seqs + 1].clone(),
+            seq_lens_cpu=self.seq_lens[0][:padded_seqs].clone(),
+            max_query_len=max_query_len,
+            max_seq_len=int(seq_lens[:num_seqs].max()) if num_seqs else 0,
+            num_decode_tokens=int((query_lens == 1).sum()),
+        )
+        return ModelInputs(self.input_ids[1][:padded_tokens], self.positions[1][:padded_tokens],
+                           attention, self.logits_indices[1][:len(sampled_rows)], sampled_rows,
+                           num_tokens)
+
+    def prepare_padding_only(self, num_seqs: int) -> ModelInputs:
+        """A decode batch of ``num_seqs`` padding sequences (for capturing CUDA graphs)."""
+        inputs = self.prepare([], block_size=1, pad_to=num_seqs)
+        inputs.attention.max_query_len = 1
+        inputs.attention.num_decode_tokens = num_seqs
+        return inputs
+
+    def _fill_block_tables(self, scheduled: list[ScheduledRequest]) -> int:
+        table = self.block_tables[0].numpy()
+        width = 0
+        for row, item in enumerate(scheduled):
+            count = len(item.block_ids)
+            table[row, :count] = item.block_ids
+            width = max(width, count)
+        return width
+
+    def _upload(self, num_tokens: int, num_seqs: int, width: int, num_sampled: int) -> None:
+        for host, device in (self.input_ids, self.positions, self.slot_mapping):
+            device[:num_tokens].copy_(host[:num_tokens], non_blocking=True)
+        self.query_start_loc[1][:num_seqs + 1].copy_(self.query_start_loc[0][:num_seqs + 1],
+                                                      non_blocking=True)
+        self.seq_lens[1][:num_seqs].copy_(self.seq_lens[0][:num_seqs], non_blocking=True)
+        self.block_tables[1][:num_seqs, :width].copy_(self.block_tables[0][:num_seqs, :width],
+                                                      non_blocking=True)
+        self.logits_indices[1][:num_sampled].copy_(self.logits_indices[0][:num_sampled],
+                                                   non_blocking=True)
+        if self._uploaded is not None:
+            self._uploaded.record()

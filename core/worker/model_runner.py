@@ -2,98 +2,108 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from kvloom.interfaces.attention import AttentionBackend
-from kvloom.interfaces.sampler import Sampler, SamplerOutput, SamplingMetadata
-from kvloom.scheduler.output import SampleLogprobs, ScheduledRequest, SchedulerOutput
-from kvloom.worker.input_batch import build_model_inputs
+from kvloom.interfaces.sampler import Sampler
+from kvloom.sampling_params import SamplingParams
+from kvloom.scheduler.output import ScheduledRequest, SchedulerOutput
+from kvloom.worker.cuda_graphs import CudaGraphDecoder
+from kvloom.worker.input_batch import InputBuffers, ModelInputs
 from kvloom.worker.runner_output import ModelRunnerOutput
+from kvloom.worker.sampling import SamplingState, to_runner_output
+
+logger = logging.getLogger(__name__)
 
 
 class ModelRunner:
-    """Owns the model, its KV caches and the per-request sampling state."""
+    """Owns the model, its KV caches, the input buffers and the per-request sampling state."""
 
     def __init__(self, model: torch.nn.Module, attention_backend: AttentionBackend,
-                 sampler: Sampler, kv_caches: list[torch.Tensor], block_size: int,
+                 sampler: Sampler, buffers: InputBuffers, block_size: int,
                  device: torch.device) -> None:
         self.model = model
         self.attention_backend = attention_backend
         self.sampler = sampler
-        self.kv_caches = kv_caches
+        self.buffers = buffers
         self.block_size = block_size
         self.device = device
-        self.request_to_generator: dict[str, torch.Generator] = {}
+        self.kv_caches: list[torch.Tensor] = []
+        self.sampling_state = SamplingState(device)
+        self.cuda_graphs: CudaGraphDecoder | None = None
+
+    def initialize_kv_caches(self, kv_caches: list[torch.Tensor]) -> None:
+        self.kv_caches = kv_caches
+
+    def capture_cuda_graphs(self, capture_sizes: list[int]) -> None:
+        """Capture decode graphs; needs a backend that supports them and a CUDA device."""
+        self.cuda_graphs = CudaGraphDecoder(self.model, self.attention_backend, self.kv_caches,
+                                            self.buffers, capture_sizes)
+        self.cuda_graphs.capture()
 
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        for request_id in scheduler_output.finished_request_ids:
-            self.request_to_generator.pop(request_id, None)
-        if scheduler_output.is_empty:
+        self.sampling_state.forget(scheduler_output.finished_request_ids)
+        scheduled = scheduler_output.scheduled
+        if not scheduled:
             return ModelRunnerOutput([], [], [])
-
-        inputs = build_model_inputs(scheduler_output.scheduled, self.block_size, self.device)
-        metadata = self.attention_backend.build_metadata(inputs.attention)
-        hidden_states = self.model(inputs.input_ids, inputs.positions, self.kv_caches, metadata)
+        hidden_states, inputs = self._forward(scheduled)
         if not inputs.sampled_rows:
             return ModelRunnerOutput([], [], [])
-
         logits = self.model.compute_logits(hidden_states[inputs.logits_indices]).float()
-        rows = [scheduler_output.scheduled[row] for row in inputs.sampled_rows]
-        sampler_output = self.sampler.sample(logits, self._sampling_metadata(rows))
-        return _to_runner_output(rows, sampler_output)
+        rows = [scheduled[row] for row in inputs.sampled_rows]
+        metadata = self.sampling_state.metadata_for(rows)
+        return to_runner_output(rows, self.sampler.sample(logits, metadata))
 
-    def _sampling_metadata(self, rows: list[ScheduledRequest]) -> SamplingMetadata:
-        params = [row.sampling_params for row in rows]
+    def _forward(self, scheduled: list[ScheduledRequest]) -> tuple[torch.Tensor, ModelInputs]:
+        padded = self._graph_size_for(scheduled)
+        inputs = self.buffers.prepare(scheduled, self.block_size, pad_to=padded)
+        if padded is not None:
+            return self.cuda_graphs.replay(padded, inputs.num_tokens), inputs
+        metadata = self.attention_backend.build_metadata(inputs.attention)
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, metadata)
+        return hidden, inputs
 
-        def column(name: str, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor([getattr(p, name) for p in params], dtype=dtype,
-                                device=self.device)
+    def _graph_size_for(self, scheduled: list[ScheduledRequest]) -> int | None:
+        if self.cuda_graphs is None:
+            return None
+        if any(len(item.token_ids) != 1 for item in scheduled):
+            return None
+        return self.cuda_graphs.padded_size(len(scheduled))
 
-        generators = {}
-        for index, row in enumerate(rows):
-            if row.sampling_params.seed is not None and not row.sampling_params.is_greedy:
-                generators[index] = self._generator_for(row)
-        num_logprobs = [p.logprobs for p in params if p.logprobs is not None]
-        greedy = [p.is_greedy for p in params]
-        return SamplingMetadata(
-            temperature=column("temperature", torch.float32),
-            top_k=column("top_k", torch.int64),
-            top_p=column("top_p", torch.float32),
-            min_p=column("min_p", torch.float32),
-            presence_penalty=column("presence_penalty", torch.float32),
-            frequency_penalty=column("frequency_penalty", torch.float32),
-            repetition_penalty=column("repetition_penalty", torch.float32),
-            prompt_token_ids=[row.prompt_token_ids for row in rows],
-            output_token_ids=[row.output_token_ids for row in rows],
-            banned_token_ids=[row.banned_token_ids for row in rows],
-            generators=generators,
-            max_num_logprobs=max(num_logprobs) if num_logprobs else None,
-            all_greedy=all(greedy),
-            all_random=not any(greedy),
-            no_penalties=all(p.presence_penalty == 0 and p.frequency_penalty == 0
-                             and p.repetition_penalty == 1.0 for p in params),
-        )
+    @torch.inference_mode()
+    def profile_run(self, num_tokens: int, num_seqs: int) -> None:
+        """The largest step the scheduler can produce, so the allocator sees its peak.
 
-    def _generator_for(self, row: ScheduledRequest) -> torch.Generator:
-        generator = self.request_to_generator.get(row.request_id)
-        if generator is None:
-            generator = torch.Generator(device=self.device)
-            generator.manual_seed(row.sampling_params.seed)
-            self.request_to_generator[row.request_id] = generator
-        return generator
+        One sequence of ``num_tokens`` prompt tokens through the model (with a
+        throwaway KV cache), then ``num_seqs`` rows through a sampler using
+        top-k, top-p and penalties.
+        """
+        spec = self.model.attention_spec()
+        num_blocks = -(-num_tokens // self.block_size) + 1
+        shape = self.attention_backend.kv_cache_shape(num_blocks, _with_block_size(spec, self))
+        caches = [torch.zeros(shape, dtype=spec.dtype, device=self.device)
+                  for _ in range(self.model.num_attention_layers())]
+        prompt = ScheduledRequest("profile", [0] * num_tokens, 0, list(range(num_blocks)), True,
+                                  SamplingParams(max_tokens=1), [0] * num_tokens, [])
+        inputs = self.buffers.prepare([prompt], self.block_size)
+        metadata = self.attention_backend.build_metadata(inputs.attention)
+        hidden = self.model(inputs.input_ids, inputs.positions, caches, metadata)
+        rows = [ScheduledRequest(f"profile-{i}", [0], 0, [0], True,
+                                 SamplingParams(temperature=1.0, top_p=0.9, top_k=50,
+                                                presence_penalty=0.1, logprobs=5),
+                                 [0] * 16, [1] * 16) for i in range(num_seqs)]
+        logits = self.model.compute_logits(hidden[-1:].expand(num_seqs, -1)).float()
+        self.sampler.sample(logits, self.sampling_state.metadata_for(rows))
+        self.sampling_state.forget({row.request_id for row in rows})
+        del caches, hidden, logits
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
 
 
-def _to_runner_output(rows: list[ScheduledRequest], output: SamplerOutput) -> ModelRunnerOutput:
-    sampled = output.sampled_token_ids.tolist()
-    logprobs: list[SampleLogprobs | None] = [None] * len(rows)
-    if output.logprob_token_ids is not None:
-        token_ids = output.logprob_token_ids.tolist()
-        values = output.logprobs.tolist()
-        ranks = output.sampled_ranks.tolist()
-        for index, row in enumerate(rows):
-            count = row.sampling_params.logprobs
-            if count is not None:
-                logprobs[index] = SampleLogprobs(token_ids[index][:1 + count],
-                                                 values[index][:1 + count], ranks[index])
-    return ModelRunnerOutput([row.request_id for row in rows], sampled, logprobs)
+def _with_block_size(spec, runner: ModelRunner):
+    from dataclasses import replace
+
+    return replace(spec, block_size=runner.block_size, device_type=runner.device.type)

@@ -40,6 +40,14 @@ def _write_kv_kernel(key_ptr, value_ptr, cache_ptr, slot_ptr,
     tl.store(base + stride_cache_kv, value.to(cache_ptr.dtype.element_ty), mask=mask)
 
 
+def dot_precision(dtype) -> str:
+    """Full float32 products for float32 models (exactness against references); the
+    16-bit types run natively whatever this says."""
+    import torch
+
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 def write_kv_cache(key, value, kv_cache, slot_mapping) -> None:
     """key/value: [num_tokens, num_kv_heads, head_size], contiguous per token."""
     num_tokens = key.shape[0]
@@ -70,7 +78,8 @@ def _prefill_kernel(q_ptr, cache_ptr, out_ptr, block_tables_ptr, seq_lens_ptr,
                     stride_cache_kv, stride_block, stride_slot, stride_head, stride_table,
                     HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr,
                     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+                    BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     seq = tl.load(tile_seq_ptr + tile)
@@ -104,7 +113,7 @@ def _prefill_kernel(q_ptr, cache_ptr, out_ptr, block_tables_ptr, seq_lens_ptr,
         token_mask = token_index < kv_end
         k = _load_kv_tile(cache_ptr, table, kv_head, token_index, token_mask, dims, dim_mask,
                           stride_block, stride_slot, stride_head, BLOCK_SIZE)
-        scores = tl.dot(q, tl.trans(k).to(q.dtype)).to(tl.float32) * scale
+        scores = tl.dot(q, tl.trans(k).to(q.dtype), input_precision=DOT_PRECISION).to(tl.float32) * scale
         visible = (token_index[None, :] <= query_pos[:, None]) & token_mask[None, :]
         scores = tl.where(visible, scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
@@ -114,7 +123,7 @@ def _prefill_kernel(q_ptr, cache_ptr, out_ptr, block_tables_ptr, seq_lens_ptr,
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_kv_tile(cache_ptr + stride_cache_kv, table, kv_head, token_index, token_mask,
                           dims, dim_mask, stride_block, stride_slot, stride_head, BLOCK_SIZE)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION).to(tl.float32)
         m_i = m_new
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_offsets = ((query_start + token_in_query).to(tl.int64) * stride_o_token
@@ -139,7 +148,8 @@ def prefill_attention(query, kv_cache, out, block_tables, seq_lens, query_start_
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         block_tables.stride(0),
         HEAD_DIM=head_size, HEAD_DIM_PADDED=triton.next_power_of_2(head_size), GROUP=group,
-        BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_SIZE=kv_cache.shape[2])
+        BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_SIZE=kv_cache.shape[2],
+        DOT_PRECISION=dot_precision(query.dtype))
 
 
 @triton.jit
@@ -152,7 +162,7 @@ def _decode_split_kernel(q_ptr, cache_ptr, partial_out_ptr, partial_lse_ptr, blo
                          NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr,
                          HEAD_DIM_PADDED: tl.constexpr, GROUP: tl.constexpr,
                          GROUP_PADDED: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_SIZE: tl.constexpr):
+                         BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -179,7 +189,7 @@ def _decode_split_kernel(q_ptr, cache_ptr, partial_out_ptr, partial_lse_ptr, blo
         token_mask = token_index < kv_end
         k = _load_kv_tile(cache_ptr, table, kv_head, token_index, token_mask, dims, dim_mask,
                           stride_block, stride_slot, stride_head, BLOCK_SIZE)
-        scores = tl.dot(q, tl.trans(k).to(q.dtype)).to(tl.float32) * scale
+        scores = tl.dot(q, tl.trans(k).to(q.dtype), input_precision=DOT_PRECISION).to(tl.float32) * scale
         scores = tl.where(token_mask[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -188,7 +198,7 @@ def _decode_split_kernel(q_ptr, cache_ptr, partial_out_ptr, partial_lse_ptr, blo
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_kv_tile(cache_ptr + stride_cache_kv, table, kv_head, token_index, token_mask,
                           dims, dim_mask, stride_block, stride_slot, stride_head, BLOCK_SIZE)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION).to(tl.float32)
         m_i = m_new
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log(l_i))
@@ -247,7 +257,7 @@ def decode_attention(query, kv_cache, out, block_tables, seq_lens, scale: float,
         partial_lse.stride(0), partial_lse.stride(1),
         NUM_SPLITS=num_splits, HEAD_DIM=head_size, HEAD_DIM_PADDED=head_dim_padded,
         GROUP=group, GROUP_PADDED=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
-        BLOCK_SIZE=kv_cache.shape[2])
+        BLOCK_SIZE=kv_cache.shape[2], DOT_PRECISION=dot_precision(query.dtype))
     _decode_reduce_kernel[(num_seqs, num_heads)](
         partial_out, partial_lse, out,
         partial_out.stride(0), partial_out.stride(1), partial_out.stride(2),

@@ -47,7 +47,8 @@ class Qwen2Attention(nn.Module):
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size,
                                   bias=qkv_bias, dtype=dtype)
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False, dtype=dtype)
-        self.rotary_emb = RotaryEmbedding(self.head_size, rope_theta_of(config))
+        self.rotary_emb = RotaryEmbedding(self.head_size, rope_theta_of(config),
+                                          config.max_position_embeddings)
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_size,
                                    context, layer_index)
 

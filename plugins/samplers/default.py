@@ -48,9 +48,10 @@ class DefaultSampler(Sampler):
     def _sample_random(self, logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
         temperature = torch.where(metadata.temperature < _SAMPLING_EPS, 1.0, metadata.temperature)
         logits = logits / temperature.unsqueeze(1)
-        if bool((metadata.min_p > 0).any()):
+        if _flag(metadata.any_min_p, lambda: (metadata.min_p > 0).any()):
             logits = apply_min_p(logits, metadata.min_p)
-        if bool((metadata.top_k > 0).any()) or bool((metadata.top_p < 1.0).any()):
+        if _flag(metadata.any_top_k_top_p,
+                 lambda: (metadata.top_k > 0).any() | (metadata.top_p < 1.0).any()):
             logits = apply_top_k_top_p(logits, metadata.top_k, metadata.top_p)
         probs = torch.softmax(logits, dim=-1)
         noise = torch.empty_like(probs).exponential_()
@@ -59,6 +60,11 @@ class DefaultSampler(Sampler):
         # An exact 0 draw would turn 0/0 into NaN, which argmax prefers.
         noise.clamp_(min=torch.finfo(noise.dtype).tiny)
         return (probs / noise).argmax(dim=-1)
+
+
+def _flag(known: bool | None, compute) -> bool:
+    """A host-side flag when the runner provided one (asking the GPU would sync)."""
+    return bool(compute()) if known is None else known
 
 
 def _ban_tokens(logits: torch.Tensor, banned: list[list[int]]) -> torch.Tensor:

@@ -119,3 +119,30 @@ def test_engine_with_triton_attention_matches_hf(tiny_qwen2):
                            SamplingParams(temperature=0, max_tokens=12))
     expected = hf_greedy_generate(tiny_qwen2, prompts, 12)
     assert [o.outputs[0].token_ids for o in outputs] == expected
+
+
+REAL_SPECS = [
+    AttentionSpec(28, 4, 128, torch.bfloat16, 16, "cuda"),   # qwen2-7b
+    AttentionSpec(14, 2, 64, torch.bfloat16, 16, "cuda"),    # qwen2-0.5b
+    AttentionSpec(28, 4, 128, torch.float32, 16, "cuda"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("spec", REAL_SPECS, ids=["7b-bf16", "0.5b-bf16", "7b-fp32"])
+def test_real_sizes_on_gpu_match_reference(spec):
+    """Long contexts, chunked prefill over a prefix hit, many decodes, at model sizes."""
+    generator = torch.Generator().manual_seed(7)
+    query_lens = [512, 300, 1, 1, 1, 64] + [1] * 26
+    context_lens = [0, 1800, 4095, 2000, 17, 700] + torch.randint(
+        0, 3000, (26,), generator=generator).tolist()
+    (ref, out), (ref_cache, out_cache) = run_both(spec, query_lens, context_lens,
+                                                  num_blocks=6000, seed=11)
+    tolerance = 1e-4 if spec.dtype == torch.float32 else 2e-2
+    assert relative_error(out, ref) < tolerance
+    assert torch.equal(ref_cache, out_cache)
+    decode = [1] * 64
+    contexts = torch.randint(1, 4096, (64,), generator=generator).tolist()
+    (ref, out), _ = run_both(spec, decode, contexts, num_blocks=20000, seed=12)
+    assert relative_error(out, ref) < tolerance

@@ -9,15 +9,22 @@ from torch import nn
 class RotaryEmbedding(nn.Module):
     """Applies RoPE to query and key; cos/sin are cached per device on first use.
 
+    The cache covers every position up to ``max_position`` at once, so a
+    forward pass never looks at the positions' values on the host (no device
+    sync, and CUDA graphs can capture it).
+
     Args:
         head_size: size of one attention head.
         base: rope_theta.
+        max_position: max_position_embeddings.
         inv_freq: optional precomputed inverse frequencies (rope-scaling variants).
     """
 
-    def __init__(self, head_size: int, base: float, inv_freq: torch.Tensor | None = None) -> None:
+    def __init__(self, head_size: int, base: float, max_position: int,
+                 inv_freq: torch.Tensor | None = None) -> None:
         super().__init__()
         self.head_size = head_size
+        self.max_position = max_position
         if inv_freq is None:
             exponents = torch.arange(0, head_size, 2, dtype=torch.int64, device="cpu").float()
             inv_freq = 1.0 / (base ** (exponents / head_size))
@@ -25,13 +32,11 @@ class RotaryEmbedding(nn.Module):
         self._cos_sin_cache: torch.Tensor | None = None
 
     def _cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        max_position = int(positions.max()) + 1 if positions.numel() else 1
         cache = self._cos_sin_cache
-        if cache is None or cache.device != positions.device or cache.shape[0] < max_position:
-            size = max(max_position, 2 * (cache.shape[0] if cache is not None else 0), 4096)
+        if cache is None or cache.device != positions.device:
             inv_freq = self._inv_freq.to(positions.device)
-            freqs = torch.outer(torch.arange(size, device=positions.device, dtype=torch.float32),
-                                inv_freq)
+            freqs = torch.outer(torch.arange(self.max_position, device=positions.device,
+                                             dtype=torch.float32), inv_freq)
             emb = torch.cat((freqs, freqs), dim=-1)
             cache = torch.stack((emb.cos(), emb.sin()))
             self._cos_sin_cache = cache

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One GPU session: install, GPU tests, kernel benchmark, latency, throughput (with HF).
+# Usage on the device machine (carry .whl):  bash benchmarks/gpu_run.sh [MODEL ...]
+# Results and logs go to $OUT (or ./gpu-out).
+set -u
+OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site || exit 1
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null || exit 1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+git rev-parse --short HEAD 2>/dev/null | tee "$OUT/commit.txt"
+
+step() {  # name, timeout seconds, command...
+    local name=$1 limit=$2; shift 2
+    echo "=== $name"
+    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    local status=$?
+    tail -n 25 "$OUT/$name.log"
+    echo "=== $name exit $status"
+}
+
+STEPS=${STEPS:-tests,kernels,latency,throughput}
+MODELS=${*:-qwen2-0.5b}
+[[ $STEPS == *tests* ]] && step gpu_tests 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests
+[[ $STEPS == *kernels* ]] && step kernels 240 python3 benchmarks/attention_kernels.py --json "$OUT/kernels.json"
+for model in $MODELS; do
+    [[ $STEPS == *latency* ]] && step "latency_$model" 300 python3 benchmarks/latency.py --model "$model" --json "$OUT/latency_$model.json"
+    [[ $STEPS == *throughput* ]] && step "throughput_$model" 560 python3 benchmarks/throughput.py --model "$model" ${THROUGHPUT_ARGS:-} --json "$OUT/throughput_$model.json"
+done

@@ -1,0 +1,78 @@
+"""Per-request sampling state in the runner, and the per-step SamplingMetadata."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from kvloom.interfaces.sampler import SamplerOutput, SamplingMetadata
+from kvloom.scheduler.output import SampleLogprobs, ScheduledRequest
+from kvloom.worker.runner_output import ModelRunnerOutput
+
+_FLOAT_COLUMNS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                  "repetition_penalty")
+
+
+class SamplingState:
+    """Seeded generators live as long as their request, across steps and preemptions."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.request_to_generator: dict[str, torch.Generator] = {}
+
+    def forget(self, request_ids: set[str]) -> None:
+        for request_id in request_ids:
+            self.request_to_generator.pop(request_id, None)
+
+    def metadata_for(self, rows: list[ScheduledRequest]) -> SamplingMetadata:
+        params = [row.sampling_params for row in rows]
+        # One host array and one copy for every float column.
+        floats = np.array([[getattr(p, name) for p in params] for name in _FLOAT_COLUMNS],
+                          dtype=np.float32)
+        floats = torch.from_numpy(floats).to(self.device, non_blocking=True)
+        top_k = torch.tensor([p.top_k for p in params], dtype=torch.int64).to(
+            self.device, non_blocking=True)
+        generators = {index: self._generator_for(row) for index, row in enumerate(rows)
+                      if row.sampling_params.seed is not None
+                      and not row.sampling_params.is_greedy}
+        num_logprobs = [p.logprobs for p in params if p.logprobs is not None]
+        greedy = [p.is_greedy for p in params]
+        return SamplingMetadata(
+            temperature=floats[0], top_p=floats[1], min_p=floats[2],
+            presence_penalty=floats[3], frequency_penalty=floats[4],
+            repetition_penalty=floats[5], top_k=top_k,
+            prompt_token_ids=[row.prompt_token_ids for row in rows],
+            output_token_ids=[row.output_token_ids for row in rows],
+            banned_token_ids=[row.banned_token_ids for row in rows],
+            generators=generators,
+            max_num_logprobs=max(num_logprobs) if num_logprobs else None,
+            all_greedy=all(greedy),
+            all_random=not any(greedy),
+            no_penalties=all(p.presence_penalty == 0 and p.frequency_penalty == 0
+                             and p.repetition_penalty == 1.0 for p in params),
+            any_min_p=any(p.min_p > 0 for p in params),
+            any_top_k_top_p=any(p.top_k > 0 or p.top_p < 1.0 for p in params),
+        )
+
+    def _generator_for(self, row: ScheduledRequest) -> torch.Generator:
+        generator = self.request_to_generator.get(row.request_id)
+        if generator is None:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(row.sampling_params.seed)
+            self.request_to_generator[row.request_id] = generator
+        return generator
+
+
+def to_runner_output(rows: list[ScheduledRequest], output: SamplerOutput) -> ModelRunnerOutput:
+    sampled = output.sampled_token_ids.tolist()
+    logprobs: list[SampleLogprobs | None] = [None] * len(rows)
+    if output.logprob_token_ids is not None:
+        token_ids = output.logprob_token_ids.tolist()
+        values = output.logprobs.tolist()
+        ranks = output.sampled_ranks.tolist()
+        for index, row in enumerate(rows):
+            count = row.sampling_params.logprobs
+            if count is not None:
+                logprobs[index] = SampleLogprobs(token_ids[index][:1 + count],
+                                                 values[index][:1 + count], ranks[index])
+    return ModelRunnerOutput([row.request_id for row in rows], sampled, logprobs)
