@@ -82,7 +82,7 @@ class ModelRunner:
         top-k, top-p and penalties.
         """
         spec = self.model.attention_spec()
-        num_blocks = -(-num_tokens // self.block_size) + 1
+        num_blocks = -(-num_tokens // self.block_size)
         shape = self.attention_backend.kv_cache_shape(num_blocks, _with_block_size(spec, self))
         caches = [torch.zeros(shape, dtype=spec.dtype, device=self.device)
                   for _ in range(self.model.num_attention_layers())]
