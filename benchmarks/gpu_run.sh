@@ -26,5 +26,6 @@ MODELS=${*:-qwen2-0.5b}
 [[ $STEPS == *kernels* ]] && step kernels 240 python3 benchmarks/attention_kernels.py --json "$OUT/kernels.json"
 for model in $MODELS; do
     [[ $STEPS == *latency* ]] && step "latency_$model" 300 python3 benchmarks/latency.py --model "$model" --json "$OUT/latency_$model.json"
+    [[ $STEPS == *profile* ]] && step "profile_$model" 240 python3 benchmarks/profile_step.py --model "$model" --batch 1 256 --steps 20
     [[ $STEPS == *throughput* ]] && step "throughput_$model" 560 python3 benchmarks/throughput.py --model "$model" ${THROUGHPUT_ARGS:-} --json "$OUT/throughput_$model.json"
 done

@@ -38,9 +38,14 @@ class RequestState:
     params: SamplingParams
     sequences: dict[str, SequenceState]
     num_cached_tokens: int = 0
+    num_unfinished: int = -1
+
+    def __post_init__(self) -> None:
+        if self.num_unfinished < 0:
+            self.num_unfinished = len(self.sequences)
 
     def finished(self) -> bool:
-        return all(seq.finish_reason is not None for seq in self.sequences.values())
+        return self.num_unfinished == 0
 
 
 class OutputProcessor:
@@ -94,8 +99,11 @@ class OutputProcessor:
             state = self.states[request_id]
             state.num_cached_tokens = core_output.num_cached_tokens
             sequence = state.sequences[core_output.request_id]
+            was_running = sequence.finish_reason is None
             if self._update_sequence(sequence, core_output):
                 stopped.append(core_output.request_id)
+            if was_running and sequence.finish_reason is not None:
+                state.num_unfinished -= 1
             touched[request_id] = state
 
         outputs = []

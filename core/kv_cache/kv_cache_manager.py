@@ -45,6 +45,9 @@ class KVCacheManager:
         # Salting per engine keeps hashes from one engine meaningless to another.
         self.engine_salt = engine_salt if engine_salt is not None else os.urandom(16)
         self.request_to_blocks: dict[str, list[KVBlock]] = {}
+        # The same tables as ids, kept in step with request_to_blocks; handed out
+        # as-is each step, so callers must treat them as read-only.
+        self.request_to_block_ids: dict[str, list[int]] = {}
         self.request_to_num_cached_blocks: dict[str, int] = {}
         self.prefix_stats = PrefixCacheStats()
 
@@ -86,6 +89,16 @@ class KVCacheManager:
         Returns the request's whole block table, or None (changing nothing)
         when there are not enough free blocks.
         """
+        block_ids = self.request_to_block_ids.get(request.request_id)
+        if prefix_hit is None and block_ids is not None:
+            # The common decode step: the new tokens fit in the request's blocks.
+            num_total_tokens = request.num_computed_tokens + num_new_tokens
+            if num_total_tokens <= len(block_ids) * self.block_size:
+                if (self.enable_prefix_caching and num_total_tokens // self.block_size
+                        > self.request_to_num_cached_blocks.get(request.request_id, 0)):
+                    self._cache_full_blocks(request, self.request_to_blocks[request.request_id],
+                                            num_total_tokens)
+                return block_ids
         blocks = self.request_to_blocks.get(request.request_id, [])
         hit = prefix_hit or PrefixHit()
         num_total_tokens = request.num_computed_tokens + hit.num_tokens + num_new_tokens
@@ -103,11 +116,14 @@ class KVCacheManager:
             self.prefix_stats.num_queried_tokens += request.num_tokens
             self.prefix_stats.num_hit_tokens += hit.num_tokens
         self._cache_full_blocks(request, blocks, num_total_tokens)
-        return [block.block_id for block in blocks]
+        block_ids = [block.block_id for block in blocks]
+        self.request_to_block_ids[request.request_id] = block_ids
+        return block_ids
 
     def free(self, request: Request) -> None:
         """Return a finished, aborted or preempted request's blocks to the pool."""
         blocks = self.request_to_blocks.pop(request.request_id, [])
+        self.request_to_block_ids.pop(request.request_id, None)
         self.request_to_num_cached_blocks.pop(request.request_id, None)
         # Blocks cached when scheduled but never computed (the request was
         # preempted in the same step) must not be found by later requests.

@@ -19,12 +19,15 @@ class RequestStatus(enum.Enum):
 
     @property
     def is_finished(self) -> bool:
-        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH,
-                        RequestStatus.FINISHED_ABORTED)
+        return self in _FINISHED  # checked per request per step: keep it a set lookup
 
     @property
     def finish_reason(self) -> str | None:
-        return self.value if self.is_finished else None
+        return self.value if self in _FINISHED else None
+
+
+_FINISHED = frozenset({RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH,
+                       RequestStatus.FINISHED_ABORTED})
 
 
 @dataclass(eq=False)

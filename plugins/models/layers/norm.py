@@ -15,6 +15,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor,
                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (normalized x + residual, x + residual), so the caller keeps the sum."""
+        if x.is_cuda and x.dim() == 2:
+            from kvloom.plugins.models.layers import fused_kernels
+
+            return fused_kernels.rms_norm(x, self.weight, self.eps, residual)
         if residual is not None:
             x = x + residual
         residual = x

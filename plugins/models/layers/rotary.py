@@ -45,6 +45,11 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor, query: torch.Tensor,
                 key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """query: [tokens, heads, head_size]; key: [tokens, kv_heads, head_size]."""
+        if query.is_cuda:
+            from kvloom.plugins.models.layers import fused_kernels
+
+            self._cos_sin(positions[:0])  # builds the cache on this device once
+            return fused_kernels.rotary(positions, query, key, self._cos_sin_cache)
         cos, sin = self._cos_sin(positions)
         cos = cos.unsqueeze(1).to(query.dtype)
         sin = sin.unsqueeze(1).to(query.dtype)
