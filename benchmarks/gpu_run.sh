@@ -9,7 +9,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .
     && export PYTHONPATH=/tmp/site || exit 1
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
-git rev-parse --short HEAD 2>/dev/null | tee "$OUT/commit.txt"
+echo "${COMMIT:-unknown}" | tee "$OUT/commit.txt"
 
 step() {  # name, timeout seconds, command...
     local name=$1 limit=$2; shift 2
