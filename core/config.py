@@ -98,6 +98,8 @@ class SchedulerConfig(Section):
     max_num_batched_tokens: int | None = Field(default=None, gt=0)
     enable_chunked_prefill: bool = True
     policy: Literal["fcfs", "priority"] = "fcfs"
+    # Schedule step N+1 while step N runs on the device (results are the same).
+    async_scheduling: bool = True
 
 
 class ParallelConfig(Section):

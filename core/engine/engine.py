@@ -43,7 +43,8 @@ class Engine:
         components = self.components
         self.tokenizer = components.tokenizer
         self.max_model_len = components.max_model_len
-        self.core = EngineCore(components.scheduler, components.runner)
+        self.core = EngineCore(components.scheduler, components.runner,
+                               config.scheduler.async_scheduling)
         limits = InputLimits(components.hf_config.vocab_size, components.max_model_len,
                              config.cache.block_size, components.kv_cache_manager.num_blocks)
         self.input_processor = InputProcessor(components.tokenizer, limits,

@@ -1,18 +1,29 @@
-"""The loop body: schedule, execute, update. Owns no text, only token ids."""
+"""The loop body: schedule, execute, update. Owns no text, only token ids.
+
+With async scheduling, step N+1 is scheduled and launched before step N's
+sampled tokens are read back, so the host's bookkeeping overlaps the device's
+work. Tokens step N+1 needs from step N stay on the device (placeholders).
+Requests whose sampling needs every earlier token on the host (penalties)
+make the loop wait for the step in flight first.
+"""
 
 from __future__ import annotations
 
-from kvloom.scheduler.output import EngineCoreOutput
+from kvloom.scheduler.output import EngineCoreOutput, SchedulerOutput
 from kvloom.scheduler.request import Request, RequestStatus
 from kvloom.scheduler.scheduler import Scheduler
 from kvloom.worker.model_runner import ModelRunner
+from kvloom.worker.runner_output import PendingRunnerOutput
 
 
 class EngineCore:
-    def __init__(self, scheduler: Scheduler, runner: ModelRunner) -> None:
+    def __init__(self, scheduler: Scheduler, runner: ModelRunner,
+                 async_scheduling: bool = False) -> None:
         self.scheduler = scheduler
         self.runner = runner
+        self.async_scheduling = async_scheduling
         self.last_num_scheduled_tokens = 0
+        self.in_flight: tuple[SchedulerOutput, PendingRunnerOutput] | None = None
 
     def add_requests(self, requests: list[Request]) -> None:
         for request in requests:
@@ -22,12 +33,34 @@ class EngineCore:
         self.scheduler.finish_requests(request_ids, status)
 
     def step(self) -> list[EngineCoreOutput]:
+        """Schedule and launch a step; return the outputs of the step that completed."""
+        outputs: list[EngineCoreOutput] = []
+        if self.in_flight is not None and not self._can_schedule_ahead():
+            outputs = self._complete_in_flight()
         scheduler_output = self.scheduler.schedule()
         self.last_num_scheduled_tokens = scheduler_output.num_scheduled_tokens
-        runner_output = self.runner.execute(scheduler_output)
-        if scheduler_output.is_empty:
-            return []
-        return self.scheduler.update_from_output(scheduler_output, runner_output)
+        launched = None
+        if not scheduler_output.is_empty:
+            launched = (scheduler_output, self.runner.execute_async(scheduler_output))
+        elif scheduler_output.finished_request_ids:
+            self.runner.sampling_state.forget(scheduler_output.finished_request_ids)
+        outputs += self._complete_in_flight()
+        self.in_flight = launched
+        if launched is not None and not self.async_scheduling:
+            outputs += self._complete_in_flight()
+        return outputs
 
     def has_unfinished_requests(self) -> bool:
+        # A step still in flight for requests that were all aborted carries
+        # nothing anyone waits for; the next step() completes it.
         return self.scheduler.has_unfinished_requests()
+
+    def _complete_in_flight(self) -> list[EngineCoreOutput]:
+        if self.in_flight is None:
+            return []
+        scheduler_output, pending = self.in_flight
+        self.in_flight = None
+        return self.scheduler.update_from_output(scheduler_output, pending.result())
+
+    def _can_schedule_ahead(self) -> bool:
+        return self.async_scheduling and not self.scheduler.needs_every_token_on_host()

@@ -7,12 +7,17 @@ from dataclasses import dataclass, field
 from kvloom.sampling_params import SamplingParams
 
 
+PLACEHOLDER_TOKEN_ID = -1
+
+
 @dataclass(slots=True)
 class ScheduledRequest:
     """One request's share of a step.
 
     Attributes:
-        token_ids: the tokens to run now (a slice of prompt + output).
+        token_ids: the tokens to run now (a slice of prompt + output). An entry
+            of PLACEHOLDER_TOKEN_ID stands for a token the previous step sampled
+            on the device; the runner feeds it from there (async scheduling).
         num_computed_tokens: tokens already in the KV cache; the first new
             token sits at this position.
         block_ids: the request's whole block table.

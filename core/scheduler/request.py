@@ -40,6 +40,9 @@ class Request:
         block_hashes: chained hashes of the full blocks of ``all_token_ids``,
             extended by the KV cache manager as tokens arrive.
         max_tokens: the output budget after clamping to the model's length.
+        num_output_placeholders: tokens sampled by a step still running on the
+            device (async scheduling); their ids are not known on the host yet,
+            but the next step may already feed them to the model.
     """
 
     request_id: str
@@ -56,6 +59,7 @@ class Request:
     num_computed_tokens: int = 0
     num_cached_tokens: int = -1
     num_preemptions: int = 0
+    num_output_placeholders: int = 0
     block_hashes: list[bytes] = field(default_factory=list)
     stop_reason: int | str | None = None
 
@@ -74,6 +78,10 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
+
+    @property
+    def num_tokens_with_placeholders(self) -> int:
+        return len(self.all_token_ids) + self.num_output_placeholders
 
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)

@@ -13,7 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvloom.kv_cache.kv_cache_manager import KVCacheManager
-from kvloom.scheduler.output import EngineCoreOutput, ScheduledRequest, SchedulerOutput
+from kvloom.scheduler.output import (PLACEHOLDER_TOKEN_ID, EngineCoreOutput, ScheduledRequest,
+                                     SchedulerOutput)
 from kvloom.scheduler.request import Request, RequestStatus
 from kvloom.scheduler.waiting_queue import make_waiting_queue
 from kvloom.worker.runner_output import ModelRunnerOutput
@@ -65,6 +66,10 @@ class Scheduler:
     def has_unfinished_requests(self) -> bool:
         return bool(self.running) or len(self.waiting) > 0
 
+    def needs_every_token_on_host(self) -> bool:
+        """True if a running request's sampling depends on its latest tokens (penalties)."""
+        return any(not _penalty_free(r.sampling_params) for r in self.running)
+
     @property
     def num_running(self) -> int:
         return len(self.running)
@@ -90,8 +95,9 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if num_new <= 0:
+            num_new = min(request.num_tokens_with_placeholders - request.num_computed_tokens,
+                          budget)
+            if num_new <= 0 or self._finishes_in_flight(request):
                 index += 1
                 continue
             block_ids = self.kv_cache_manager.allocate_slots(request, num_new)
@@ -115,6 +121,8 @@ class Scheduler:
     def _schedule_waiting(self, budget: int, scheduled: dict[str, ScheduledRequest]) -> int:
         while len(self.waiting) and budget > 0 and len(self.running) < self.limits.max_num_seqs:
             request = self.waiting.peek()
+            if request.num_output_placeholders:
+                break  # preempted while its last token was in flight; it lands this step
             hit = self.kv_cache_manager.find_prefix_hit(request)
             num_new = request.num_tokens - hit.num_tokens
             if not self.limits.enable_chunked_prefill and num_new > budget:
@@ -133,6 +141,13 @@ class Scheduler:
             budget -= num_new
         return budget
 
+    def _finishes_in_flight(self, request: Request) -> bool:
+        """Its in-flight token reaches a length limit: scheduling more would be waste."""
+        if not request.num_output_placeholders:
+            return False
+        return (request.num_output_tokens + request.num_output_placeholders >= request.max_tokens
+                or request.num_tokens_with_placeholders >= self.limits.max_model_len)
+
     def _pick_victim(self) -> Request:
         if self.limits.policy == "priority":
             return max(self.running, key=lambda r: (r.priority, r.arrival_time))
@@ -141,13 +156,16 @@ class Scheduler:
     def _preempt(self, request: Request, scheduled: dict[str, ScheduledRequest]) -> int:
         """Preempt a running request; returns the budget it gives back."""
         self.running.remove(request)
+        unscheduled = scheduled.pop(request.request_id, None)
+        if unscheduled is not None:  # scheduled earlier in this step: undo that first
+            request.num_computed_tokens -= len(unscheduled.token_ids)
+            request.num_output_placeholders -= int(unscheduled.sample)
         self.kv_cache_manager.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.add_preempted(request)
-        unscheduled = scheduled.pop(request.request_id, None)
         return len(unscheduled.token_ids) if unscheduled else 0
 
     def _make_scheduled(self, request: Request, num_new: int,
@@ -155,16 +173,25 @@ class Scheduler:
         start = request.num_computed_tokens
         params = request.sampling_params
         banned: list[int] = []
-        if request.num_output_tokens < params.min_tokens:
+        if request.num_output_tokens + request.num_output_placeholders < params.min_tokens:
             banned = list(params.stop_token_ids or ())
             if not params.ignore_eos:
                 banned += list(request.eos_token_ids)
+        end = start + num_new
+        token_ids = request.all_token_ids[start:end]
+        if len(token_ids) < num_new:  # tokens the in-flight step is still sampling
+            token_ids += [PLACEHOLDER_TOKEN_ID] * (num_new - len(token_ids))
+        sample = end == request.num_tokens_with_placeholders
+        # Computed as soon as scheduled: the next step may be scheduled before
+        # this one's results are back (async scheduling).
+        request.num_computed_tokens = end
+        request.num_output_placeholders += int(sample)
         return ScheduledRequest(
             request_id=request.request_id,
-            token_ids=request.all_token_ids[start:start + num_new],
+            token_ids=token_ids,
             num_computed_tokens=start,
             block_ids=block_ids,
-            sample=start + num_new == request.num_tokens,
+            sample=sample,
             sampling_params=params,
             prompt_token_ids=request.prompt_token_ids,
             output_token_ids=request.output_token_ids,
@@ -174,12 +201,7 @@ class Scheduler:
     # ------------------------------------------------------------------ update
     def update_from_output(self, scheduler_output: SchedulerOutput,
                            runner_output: ModelRunnerOutput) -> list[EngineCoreOutput]:
-        """Advance requests by what the step computed and sampled."""
-        for item in scheduler_output.scheduled:
-            request = self.requests.get(item.request_id)
-            if request is not None and not request.is_finished():
-                request.num_computed_tokens += len(item.token_ids)
-
+        """Record what a step sampled (its tokens were counted as computed when scheduled)."""
         outputs = []
         finished_any = False
         for row, request_id in enumerate(runner_output.request_ids):
@@ -187,10 +209,13 @@ class Scheduler:
             if request is None or request.is_finished():
                 continue
             token_id = runner_output.sampled_token_ids[row]
+            request.num_output_placeholders -= 1
             request.append_output_token(token_id)
             logprobs = runner_output.logprobs[row]
             status = self._check_stop(request, token_id)
             if status is not None:
+                if request.status != RequestStatus.RUNNING:  # preempted while in flight
+                    self.waiting.remove(request)
                 request.status = status
                 finished_any = True
                 self._free(request)
@@ -226,3 +251,8 @@ class Scheduler:
         self.kv_cache_manager.free(request)
         self.requests.pop(request.request_id, None)
         self.finished_request_ids.add(request.request_id)
+
+
+def _penalty_free(params) -> bool:
+    return (params.presence_penalty == 0.0 and params.frequency_penalty == 0.0
+            and params.repetition_penalty == 1.0)

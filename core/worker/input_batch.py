@@ -29,6 +29,9 @@ class ModelInputs:
             logits (the last token of each request that samples).
         sampled_rows: indices into the scheduled list of those requests.
         num_tokens: real (unpadded) token count.
+        placeholder_indices / placeholder_rows: token positions whose id the
+            previous step is still sampling on the device, and the scheduled
+            row each belongs to (empty without async scheduling).
     """
 
     input_ids: torch.Tensor
@@ -37,6 +40,8 @@ class ModelInputs:
     logits_indices: torch.Tensor
     sampled_rows: list[int]
     num_tokens: int
+    placeholder_indices: np.ndarray
+    placeholder_rows: np.ndarray
 
 
 class InputBuffers:
@@ -108,6 +113,7 @@ class InputBuffers:
         input_ids[:num_tokens] = np.fromiter(
             (t for item in scheduled for t in item.token_ids), np.int64, num_tokens)
         input_ids[num_tokens:padded_tokens] = 0
+        placeholder_indices = np.flatnonzero(input_ids[:num_tokens] < 0)
 
         sampled_rows = [row for row, item in enumerate(scheduled) if item.sample]
         logits_indices = self.logits_indices[0].numpy()
@@ -128,7 +134,8 @@ class InputBuffers:
         )
         return ModelInputs(self.input_ids[1][:padded_tokens], self.positions[1][:padded_tokens],
                            attention, self.logits_indices[1][:len(sampled_rows)], sampled_rows,
-                           num_tokens)
+                           num_tokens, placeholder_indices,
+                           request_of_token[placeholder_indices])
 
     def prepare_padding_only(self, num_seqs: int) -> ModelInputs:
         """A decode batch of ``num_seqs`` padding sequences (for capturing CUDA graphs)."""

@@ -12,8 +12,8 @@ from kvloom.sampling_params import SamplingParams
 from kvloom.scheduler.output import ScheduledRequest, SchedulerOutput
 from kvloom.worker.cuda_graphs import CudaGraphDecoder
 from kvloom.worker.input_batch import InputBuffers, ModelInputs
-from kvloom.worker.runner_output import ModelRunnerOutput
-from kvloom.worker.sampling import SamplingState, to_runner_output
+from kvloom.worker.runner_output import ModelRunnerOutput, PendingRunnerOutput
+from kvloom.worker.sampling import SampledTokenStore, SamplingState
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +32,7 @@ class ModelRunner:
         self.device = device
         self.kv_caches: list[torch.Tensor] = []
         self.sampling_state = SamplingState(device)
+        self.sampled_tokens = SampledTokenStore(buffers.max_num_seqs, device)
         self.cuda_graphs: CudaGraphDecoder | None = None
 
     def initialize_kv_caches(self, kv_caches: list[torch.Tensor]) -> None:
@@ -43,23 +44,36 @@ class ModelRunner:
                                             self.buffers, capture_sizes)
         self.cuda_graphs.capture()
 
-    @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        """Run a step and wait for its sampled tokens."""
+        return self.execute_async(scheduler_output).result()
+
+    @torch.inference_mode()
+    def execute_async(self, scheduler_output: SchedulerOutput) -> PendingRunnerOutput:
+        """Launch a step; its tokens are copied to the host in the background.
+
+        The next step may be launched before ``result()`` is called: tokens it
+        needs from this one (placeholders) are taken from the device directly.
+        """
         self.sampling_state.forget(scheduler_output.finished_request_ids)
         scheduled = scheduler_output.scheduled
         if not scheduled:
-            return ModelRunnerOutput([], [], [])
+            return PendingRunnerOutput.empty()
         hidden_states, inputs = self._forward(scheduled)
         if not inputs.sampled_rows:
-            return ModelRunnerOutput([], [], [])
+            return PendingRunnerOutput.empty()
         logits = self.model.compute_logits(hidden_states[inputs.logits_indices]).float()
         rows = [scheduled[row] for row in inputs.sampled_rows]
-        metadata = self.sampling_state.metadata_for(rows)
-        return to_runner_output(rows, self.sampler.sample(logits, metadata))
+        output = self.sampler.sample(logits, self.sampling_state.metadata_for(rows))
+        return self.sampled_tokens.record(rows, output)
 
     def _forward(self, scheduled: list[ScheduledRequest]) -> tuple[torch.Tensor, ModelInputs]:
         padded = self._graph_size_for(scheduled)
         inputs = self.buffers.prepare(scheduled, self.block_size, pad_to=padded)
+        if len(inputs.placeholder_indices):
+            self.sampled_tokens.fill_placeholders(
+                inputs.input_ids, inputs.placeholder_indices,
+                [scheduled[row].request_id for row in inputs.placeholder_rows])
         if padded is not None:
             return self.cuda_graphs.replay(padded, inputs.num_tokens), inputs
         metadata = self.attention_backend.build_metadata(inputs.attention)

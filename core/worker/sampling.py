@@ -7,7 +7,7 @@ import torch
 
 from kvloom.interfaces.sampler import SamplerOutput, SamplingMetadata
 from kvloom.scheduler.output import SampleLogprobs, ScheduledRequest
-from kvloom.worker.runner_output import ModelRunnerOutput
+from kvloom.worker.runner_output import ModelRunnerOutput, PendingRunnerOutput
 
 _FLOAT_COLUMNS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
                   "repetition_penalty")
@@ -63,8 +63,57 @@ class SamplingState:
         return generator
 
 
-def to_runner_output(rows: list[ScheduledRequest], output: SamplerOutput) -> ModelRunnerOutput:
-    sampled = output.sampled_token_ids.tolist()
+class SampledTokenStore:
+    """The last step's sampled tokens: on the device for the next step's placeholders,
+    and copied to pinned host memory for the scheduler.
+
+    Two host buffers alternate, so copying step N+1's tokens never overwrites
+    step N's before they are read.
+    """
+
+    def __init__(self, max_num_seqs: int, device: torch.device) -> None:
+        pin = device.type == "cuda"
+        self.host_buffers = [torch.zeros(max_num_seqs, dtype=torch.int64, pin_memory=pin)
+                             for _ in range(2)]
+        self.next_buffer = 0
+        self.last_sampled: torch.Tensor | None = None
+        self.last_row_of: dict[str, int] = {}
+        self.device = device
+
+    def record(self, rows: list[ScheduledRequest], output: SamplerOutput) -> PendingRunnerOutput:
+        sampled = output.sampled_token_ids
+        self.last_sampled = sampled
+        self.last_row_of = {row.request_id: index for index, row in enumerate(rows)}
+        host = self.host_buffers[self.next_buffer][:len(rows)]
+        self.next_buffer ^= 1
+        host.copy_(sampled, non_blocking=True)
+        copied = None
+        if self.device.type == "cuda":
+            copied = torch.cuda.Event()
+            copied.record()
+
+        def wait() -> ModelRunnerOutput:
+            if copied is not None:
+                copied.synchronize()
+            return to_runner_output(rows, output, host.tolist())
+
+        return PendingRunnerOutput(wait)
+
+    def fill_placeholders(self, input_ids: torch.Tensor, token_indices, request_ids: list[str]) -> None:
+        """Write the last step's sampled tokens into this step's input ids, on the device."""
+        try:
+            rows = [self.last_row_of[request_id] for request_id in request_ids]
+        except KeyError as missing:
+            raise RuntimeError(f"request {missing} has a placeholder token but was not "
+                               "sampled by the previous step") from None
+        indices = torch.as_tensor(token_indices, dtype=torch.int64).to(self.device,
+                                                                      non_blocking=True)
+        rows_on_device = torch.tensor(rows, dtype=torch.int64).to(self.device, non_blocking=True)
+        input_ids[indices] = self.last_sampled[rows_on_device]
+
+
+def to_runner_output(rows: list[ScheduledRequest], output: SamplerOutput,
+                     sampled: list[int]) -> ModelRunnerOutput:
     logprobs: list[SampleLogprobs | None] = [None] * len(rows)
     if output.logprob_token_ids is not None:
         token_ids = output.logprob_token_ids.tolist()

@@ -34,7 +34,10 @@ def installed_builtins() -> dict[str, str]:
 
 
 def engine_config(model, **overrides) -> EngineConfig:
-    data = {"model": str(model), "dtype": "float32", "max_model_len": 64}
+    # Synchronous steps, so each step() returns that step's tokens and the step
+    # counts below are exact; async scheduling is checked in test_async_scheduling.py.
+    data = {"model": str(model), "dtype": "float32", "max_model_len": 64,
+            "scheduler": {"async_scheduling": False}}
     data.update(overrides)
     return EngineConfig.from_dict(data)
 
