@@ -40,6 +40,22 @@ def timed_steps(engine, num_steps: int) -> dict[str, float]:
     return {key: value / num_steps * 1e3 for key, value in totals.items()}
 
 
+def print_host_profile(engine, num_steps: int) -> None:
+    """Host time per function over ``num_steps`` real (async) engine steps."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    started = time.perf_counter()
+    profiler.enable()
+    for _ in range(num_steps):
+        engine.step()
+    profiler.disable()
+    print(f"host profile: {(time.perf_counter() - started) / num_steps * 1e3:.2f} ms/step "
+          "(with cProfile overhead)")
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(22)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="qwen2-0.5b")
@@ -47,6 +63,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--cprofile", action="store_true",
+                        help="also profile the host side of Engine.step() (async scheduling)")
     args = parser.parse_args()
 
     import torch
@@ -76,6 +94,8 @@ def main() -> None:
               + "  ".join(f"{k} {v:.2f}" for k, v in phases.items()))
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12,
                                         max_name_column_width=60))
+        if args.cprofile:
+            print_host_profile(engine, args.steps)
         engine.abort_request([f"b{batch}-{i}" for i in range(batch)])
         engine.step()
 
