@@ -12,6 +12,7 @@ from kvloom.interfaces.attention import AttentionSpec
 from kvloom.interfaces.model import ModelContext
 from kvloom.plugins.models.layers.activation import silu_and_mul
 from kvloom.plugins.models.layers.attention import PagedAttention
+from kvloom.plugins.models.layers.linear import Linear
 from kvloom.plugins.models.layers.norm import RMSNorm
 from kvloom.plugins.models.layers.rotary import RotaryEmbedding, rope_scaling_of, rope_theta_of
 from kvloom.plugins.models.layers.weights import StackedShard, load_weights_by_name
@@ -44,9 +45,9 @@ class Qwen2Attention(nn.Module):
         self.q_size = self.num_heads * self.head_size
         self.kv_size = self.num_kv_heads * self.head_size
         dtype = context.dtype
-        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size,
+        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size,
                                   bias=qkv_bias, dtype=dtype)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False, dtype=dtype)
+        self.o_proj = Linear(self.q_size, config.hidden_size, bias=False, dtype=dtype)
         self.rotary_emb = RotaryEmbedding(self.head_size, rope_theta_of(config),
                                           config.max_position_embeddings)
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_size,
@@ -66,8 +67,8 @@ class Qwen2Attention(nn.Module):
 class GatedMLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, dtype: torch.dtype):
         super().__init__()
-        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False, dtype=dtype)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False, dtype=dtype)
+        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, bias=False, dtype=dtype)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
@@ -118,7 +119,7 @@ class Qwen2ForCausalLM(nn.Module):
         self.context = context
         self.model = self.model_cls(hf_config, context)
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
-        self.lm_head = nn.Linear(hf_config.hidden_size, hf_config.vocab_size, bias=False,
+        self.lm_head = Linear(hf_config.hidden_size, hf_config.vocab_size, bias=False,
                                  dtype=context.dtype)
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

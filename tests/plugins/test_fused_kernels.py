@@ -65,3 +65,20 @@ def test_silu_and_mul(dtype):
     out = fused_kernels.silu_and_mul(gate_up.to(DEVICE))
     tolerance = 1e-6 if dtype == torch.float32 else BF16_TOLERANCE
     torch.testing.assert_close(out.cpu(), expected, atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_skinny_gemm(rows, with_bias):
+    from kvloom.plugins.models.layers.skinny_gemm import skinny_linear
+
+    generator = torch.Generator().manual_seed(3)
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    x = torch.randn(rows, 200, generator=generator).to(DEVICE, dtype)
+    weight = torch.randn(70, 200, generator=generator).to(DEVICE, dtype)
+    bias = torch.randn(70, generator=generator).to(DEVICE, dtype) if with_bias else None
+    expected = torch.nn.functional.linear(x.float(), weight.float(),
+                                          None if bias is None else bias.float())
+    out = skinny_linear(x, weight, bias, tile=(16, 64, 4, 2))
+    tolerance = 1e-4 if dtype == torch.float32 else BF16_TOLERANCE
+    torch.testing.assert_close(out.float(), expected, atol=tolerance * 10, rtol=tolerance)
