@@ -72,46 +72,6 @@ def _load_kv_tile(cache_ptr, block_table_ptr, kv_head, token_index, token_mask, 
 
 
 @triton.jit
-def _attend_kv_range(q, query_pos, cache_ptr, table, kv_head, kv_start, kv_end, scale, dims,
-                     dim_mask, stride_cache_kv, stride_block, stride_slot, stride_head,
-                     ROWS: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, CAUSAL: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr):
-    """Online-softmax attention of ``q`` [ROWS, D] over keys [kv_start, kv_end).
-
-    Returns the normalized output [ROWS, D] and each row's log-sum-exp (-inf for a
-    row that saw no key).
-    """
-    m_i = tl.full([ROWS], float("-inf"), tl.float32)
-    l_i = tl.zeros([ROWS], tl.float32)
-    acc = tl.zeros([ROWS, HEAD_DIM_PADDED], tl.float32)
-    for start in range(kv_start, kv_end, BLOCK_N):
-        token_index = start + tl.arange(0, BLOCK_N)
-        token_mask = token_index < kv_end
-        k = _load_kv_tile(cache_ptr, table, kv_head, token_index, token_mask, dims, dim_mask,
-                          stride_block, stride_slot, stride_head, BLOCK_SIZE)
-        scores = tl.dot(q, tl.trans(k).to(q.dtype), input_precision=DOT_PRECISION)
-        scores = scores.to(tl.float32) * scale
-        visible = token_mask[None, :]
-        if CAUSAL:
-            visible = visible & (token_index[None, :] <= query_pos[:, None])
-        scores = tl.where(visible, scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(scores - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_kv_tile(cache_ptr + stride_cache_kv, table, kv_head, token_index, token_mask,
-                          dims, dim_mask, stride_block, stride_slot, stride_head, BLOCK_SIZE)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v,
-                                            input_precision=DOT_PRECISION).to(tl.float32)
-        m_i = m_new
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log(l_i))
-    return out, lse
-
-
-@triton.jit
 def _prefill_kernel(q_ptr, cache_ptr, out_ptr, block_tables_ptr, seq_lens_ptr,
                     query_start_ptr, tile_seq_ptr, tile_start_ptr, scale,
                     stride_q_token, stride_q_head, stride_o_token, stride_o_head,
@@ -142,13 +102,30 @@ def _prefill_kernel(q_ptr, cache_ptr, out_ptr, block_tables_ptr, seq_lens_ptr,
                 mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
     query_pos = context_len + token_in_query
 
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PADDED], tl.float32)
     table = block_tables_ptr + seq.to(tl.int64) * stride_table
     # Keys up to the last query of this tile are visible.
     kv_end = tl.minimum(seq_len, context_len + tile_start + BLOCK_Q)
-    out, _ = _attend_kv_range(q, query_pos, cache_ptr, table, kv_head, 0, kv_end, scale, dims,
-                              dim_mask, stride_cache_kv, stride_block, stride_slot, stride_head,
-                              BLOCK_M, HEAD_DIM_PADDED, True, BLOCK_N, BLOCK_SIZE,
-                              DOT_PRECISION)
+    for start in range(0, kv_end, BLOCK_N):
+        token_index = start + tl.arange(0, BLOCK_N)
+        token_mask = token_index < kv_end
+        k = _load_kv_tile(cache_ptr, table, kv_head, token_index, token_mask, dims, dim_mask,
+                          stride_block, stride_slot, stride_head, BLOCK_SIZE)
+        scores = tl.dot(q, tl.trans(k).to(q.dtype), input_precision=DOT_PRECISION).to(tl.float32) * scale
+        visible = (token_index[None, :] <= query_pos[:, None]) & token_mask[None, :]
+        scores = tl.where(visible, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(scores - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_kv_tile(cache_ptr + stride_cache_kv, table, kv_head, token_index, token_mask,
+                          dims, dim_mask, stride_block, stride_slot, stride_head, BLOCK_SIZE)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION).to(tl.float32)
+        m_i = m_new
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_offsets = ((query_start + token_in_query).to(tl.int64) * stride_o_token
                  + head * stride_o_head)
     tl.store(out_ptr + o_offsets[:, None] + dims[None, :], out.to(out_ptr.dtype.element_ty),
@@ -203,11 +180,28 @@ def _decode_split_kernel(q_ptr, cache_ptr, partial_out_ptr, partial_lse_ptr, blo
 
     q = tl.load(q_ptr + seq.to(tl.int64) * stride_q_token + head[:, None] * stride_q_head
                 + dims[None, :], mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
+    m_i = tl.full([GROUP_PADDED], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PADDED], tl.float32)
+    acc = tl.zeros([GROUP_PADDED, HEAD_DIM_PADDED], tl.float32)
     table = block_tables_ptr + seq.to(tl.int64) * stride_table
-    out, lse = _attend_kv_range(q, rows, cache_ptr, table, kv_head, kv_start, kv_end, scale,
-                                dims, dim_mask, stride_cache_kv, stride_block, stride_slot,
-                                stride_head, GROUP_PADDED, HEAD_DIM_PADDED, False, BLOCK_N,
-                                BLOCK_SIZE, DOT_PRECISION)
+    for start in range(kv_start, kv_end, BLOCK_N):
+        token_index = start + tl.arange(0, BLOCK_N)
+        token_mask = token_index < kv_end
+        k = _load_kv_tile(cache_ptr, table, kv_head, token_index, token_mask, dims, dim_mask,
+                          stride_block, stride_slot, stride_head, BLOCK_SIZE)
+        scores = tl.dot(q, tl.trans(k).to(q.dtype), input_precision=DOT_PRECISION).to(tl.float32) * scale
+        scores = tl.where(token_mask[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(scores - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_kv_tile(cache_ptr + stride_cache_kv, table, kv_head, token_index, token_mask,
+                          dims, dim_mask, stride_block, stride_slot, stride_head, BLOCK_SIZE)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION).to(tl.float32)
+        m_i = m_new
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log(l_i))
     po = (partial_out_ptr + seq.to(tl.int64) * stride_po_seq + head[:, None] * stride_po_head
           + split * stride_po_split + dims[None, :])
     tl.store(po, out, mask=row_mask[:, None] & dim_mask[None, :])
