@@ -8,6 +8,7 @@ device buffers double as the static inputs of captured CUDA graphs.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -110,8 +111,10 @@ class InputBuffers:
                               * block_size + token_positions % block_size)
         slots[num_tokens:padded_tokens] = -1
         input_ids = self.input_ids[0].numpy()
+        # chain() walks the lists in C: no Python bytecode per token.
         input_ids[:num_tokens] = np.fromiter(
-            (t for item in scheduled for t in item.token_ids), np.int64, num_tokens)
+            itertools.chain.from_iterable(item.token_ids for item in scheduled), np.int64,
+            num_tokens)
         input_ids[num_tokens:padded_tokens] = 0
         placeholder_indices = np.flatnonzero(input_ids[:num_tokens] < 0)
 
