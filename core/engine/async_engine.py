@@ -1,0 +1,258 @@
+"""AsyncEngine: the Engine's step loop in a background thread, streamed to asyncio callers.
+
+The HTTP event loop never waits on model execution: requests are handed to the loop
+thread through a lock-protected inbox, and each step's outputs come back through
+``loop.call_soon_threadsafe`` into a per-request asyncio queue. A request whose
+consumer goes away (client disconnect, cancellation) is aborted and its KV blocks
+are freed.
+
+Admission control counts sequence slots (``n`` per request) before any tokenization:
+past ``max_num_seqs + max_queued_requests`` slots, ``generate`` raises
+:class:`EngineOverloadedError` at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from kvloom.engine.engine import Engine
+from kvloom.engine.input_processor import PromptType
+from kvloom.engine.stats import EngineStats
+from kvloom.outputs import RequestOutput
+from kvloom.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineOverloadedError(RuntimeError):
+    """Too many requests in flight; retry after ``retry_after`` seconds."""
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop stopped after an internal error; no request can run."""
+
+
+@dataclass(eq=False)
+class _Stream:
+    """One request's path back to its caller, and its timing for metrics."""
+
+    request_id: str
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    num_slots: int
+    arrival: float = field(default_factory=time.monotonic)
+    last_token: float | None = None
+    num_generated: int = 0
+
+
+class EngineObserver:
+    """What AsyncEngine reports; the server's Prometheus metrics implement it.
+
+    Token timings assume DELTA outputs (each output carries only new tokens).
+    """
+
+    def on_step(self, stats: EngineStats) -> None: ...
+
+    def on_first_token(self, seconds_since_arrival: float) -> None: ...
+
+    def on_inter_token(self, seconds: float, num_tokens: int) -> None: ...
+
+    def on_finished(self, output: RequestOutput, e2e_seconds: float,
+                    num_generated: int) -> None: ...
+
+
+class AsyncEngine:
+    """Thread-driven engine loop with asyncio streaming.
+
+    Example::
+
+        engine = AsyncEngine(Engine.from_config("engine.yaml"))
+        engine.start()
+        async for output in engine.generate("Hello", SamplingParams(max_tokens=8)):
+            print(output.outputs[0].text)
+    """
+
+    def __init__(self, engine: Engine, max_queued_requests: int = 1024,
+                 observer: Any = None) -> None:
+        self.engine = engine
+        self.max_slots = engine.config.scheduler.max_num_seqs + max_queued_requests
+        self.observer: EngineObserver = observer or EngineObserver()
+        self._lock = threading.Lock()
+        self._inbox: list[tuple[str, Any]] = []
+        self._wake = threading.Event()
+        self._streams: dict[str, _Stream] = {}
+        self._num_slots_in_use = 0
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.dead_error: BaseException | None = None
+        self.latest_stats: EngineStats = engine.get_stats()
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="kvloom-engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Stop the loop thread (in-flight requests are aborted)."""
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def is_healthy(self) -> bool:
+        return self.dead_error is None and self._thread is not None and self._thread.is_alive()
+
+    @property
+    def num_requests_in_flight(self) -> int:
+        return len(self._streams)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    # ------------------------------------------------------------------- requests
+    async def generate(self, prompt: PromptType, params: SamplingParams,
+                       request_id: str | None = None, priority: int = 0,
+                       cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs (as ``params.output_kind`` says) until it finishes.
+
+        Raises ValueError for invalid input (before anything runs),
+        EngineOverloadedError when full, EngineDeadError after an engine failure.
+        """
+        if self.dead_error is not None:
+            raise EngineDeadError("the engine stopped after an internal error")
+        request_id = request_id or f"req-{next(self._ids)}"
+        stream = self._admit(request_id, params.n)
+        try:
+            # Tokenize off the event loop; the engine thread only queues it.
+            processed = await asyncio.to_thread(self.engine.input_processor.process_prompt,
+                                                prompt)
+            self._post("add", (request_id, processed, params, priority, cache_salt))
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    return
+        finally:
+            if request_id in self._streams:  # abandoned early: free its blocks
+                self._post("abort", request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._post("abort", request_id)
+
+    def _admit(self, request_id: str, num_slots: int) -> _Stream:
+        with self._lock:
+            if request_id in self._streams:
+                raise ValueError(f"request_id {request_id!r} is already in use")
+            if self._num_slots_in_use + num_slots > self.max_slots:
+                raise EngineOverloadedError(
+                    f"the server is at capacity ({self._num_slots_in_use} sequences in "
+                    f"flight, limit {self.max_slots}); retry shortly")
+            stream = _Stream(request_id, asyncio.get_running_loop(), asyncio.Queue(), num_slots)
+            self._streams[request_id] = stream
+            self._num_slots_in_use += num_slots
+        return stream
+
+    def _post(self, kind: str, payload: Any) -> None:
+        with self._lock:
+            self._inbox.append((kind, payload))
+        self._wake.set()
+
+    # ---------------------------------------------------------------- loop thread
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                self._drain_inbox()
+                if self.engine.has_unfinished_requests():
+                    self._deliver(self.engine.step())
+                    self.latest_stats = self.engine.get_stats()
+                    self.observer.on_step(self.latest_stats)
+                else:
+                    self._wake.wait(0.05)
+                    self._wake.clear()
+        except BaseException as exc:  # the model failed: fail everyone, never hang
+            logger.exception("engine loop failed")
+            self.dead_error = exc
+            self._fail_all(EngineDeadError(f"the engine failed: {type(exc).__name__}"))
+        finally:
+            if self._stopping:
+                self._fail_all(EngineDeadError("the server is shutting down"))
+
+    def _drain_inbox(self) -> None:
+        with self._lock:
+            inbox, self._inbox = self._inbox, []
+        for kind, payload in inbox:
+            if kind == "abort":
+                self.engine.abort_request(payload)
+                self._close(payload)
+                continue
+            request_id, processed, params, priority, cache_salt = payload
+            if request_id not in self._streams:
+                continue  # cancelled before it reached the engine
+            try:
+                self.engine.add_request(request_id, _as_token_prompt(processed), params,
+                                        priority=priority, cache_salt=cache_salt)
+            except ValueError as exc:
+                self._send(request_id, exc)
+                self._close(request_id)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        now = time.monotonic()
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is None:
+                continue
+            self._record_timing(stream, output, now)
+            self._send(output.request_id, output)
+            if output.finished:
+                self.observer.on_finished(output, now - stream.arrival, stream.num_generated)
+                self._close(output.request_id)
+
+    def _record_timing(self, stream: _Stream, output: RequestOutput, now: float) -> None:
+        num_new = sum(len(completion.token_ids) for completion in output.outputs)
+        if not num_new:
+            return
+        if stream.last_token is None:
+            self.observer.on_first_token(now - stream.arrival)
+        else:
+            self.observer.on_inter_token(now - stream.last_token, num_new)
+        stream.last_token = now
+        stream.num_generated += num_new
+
+    def _send(self, request_id: str, item: Any) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+
+    def _close(self, request_id: str) -> None:
+        with self._lock:
+            stream = self._streams.pop(request_id, None)
+            if stream is not None:
+                self._num_slots_in_use -= stream.num_slots
+
+    def _fail_all(self, error: BaseException) -> None:
+        for request_id in list(self._streams):
+            self._send(request_id, error)
+            self._close(request_id)
+
+
+def _as_token_prompt(processed) -> dict[str, Any]:
+    prompt: dict[str, Any] = {"prompt_token_ids": processed.token_ids}
+    if processed.text is not None:
+        prompt["prompt"] = processed.text
+    return prompt
