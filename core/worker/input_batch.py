@@ -66,6 +66,11 @@ class InputBuffers:
         self.seq_lens = pair((max_num_seqs,), torch.int32)
         self.block_tables = pair((max_num_seqs, max_blocks_per_seq), torch.int32)
         self.logits_indices = pair((max_num_seqs,), torch.int64)
+        # Which block list each host block-table row holds, so rows whose request and
+        # blocks are unchanged since the last step are not rewritten (the lists are
+        # replaced, never edited in place, when a request gets new blocks).
+        self._row_lists: list[list[int] | None] = [None] * max_num_seqs
+        self._row_lengths = [0] * max_num_seqs
         # The host buffers are rewritten every step: wait until the last step's
         # asynchronous copies have read them.
         self._uploaded = torch.cuda.Event() if device.type == "cuda" else None
@@ -149,11 +154,16 @@ class InputBuffers:
 
     def _fill_block_tables(self, scheduled: list[ScheduledRequest]) -> int:
         table = self.block_tables[0].numpy()
+        row_lists, row_lengths = self._row_lists, self._row_lengths
         width = 0
         for row, item in enumerate(scheduled):
-            count = len(item.block_ids)
-            table[row, :count] = item.block_ids
-            width = max(width, count)
+            block_ids = item.block_ids
+            count = len(block_ids)
+            if row_lists[row] is not block_ids or row_lengths[row] != count:
+                table[row, :count] = block_ids
+                row_lists[row], row_lengths[row] = block_ids, count
+            if count > width:
+                width = count
         return width
 
     def _upload(self, num_tokens: int, num_seqs: int, width: int, num_sampled: int) -> None:
