@@ -134,6 +134,8 @@ class AsyncEngine:
         """
         if self.dead_error is not None:
             raise EngineDeadError("the engine stopped after an internal error")
+        if self._stopping:  # nothing would ever drain the request
+            raise EngineDeadError("the server is shutting down")
         request_id = request_id or f"req-{next(self._ids)}"
         stream = self._admit(request_id, params.n)
         try:
@@ -177,12 +179,13 @@ class AsyncEngine:
     def _run(self) -> None:
         try:
             while not self._stopping:
-                self._drain_inbox()
+                drained = self._drain_inbox()
                 if self.engine.has_unfinished_requests():
                     self._deliver(self.engine.step())
-                    self.latest_stats = self.engine.get_stats()
-                    self.observer.on_step(self.latest_stats)
+                    self._publish_stats()
                 else:
+                    if drained:  # aborts freed blocks with no step after them
+                        self._publish_stats()
                     self._wake.wait(0.05)
                     self._wake.clear()
         except BaseException as exc:  # the model failed: fail everyone, never hang
@@ -191,9 +194,16 @@ class AsyncEngine:
             self._fail_all(EngineDeadError(f"the engine failed: {type(exc).__name__}"))
         finally:
             if self._stopping:
+                if self.dead_error is None:  # a healthy engine gives the blocks back
+                    self.engine.abort_request(list(self._streams))
                 self._fail_all(EngineDeadError("the server is shutting down"))
 
-    def _drain_inbox(self) -> None:
+    def _publish_stats(self) -> None:
+        self.latest_stats = self.engine.get_stats()
+        self.observer.on_step(self.latest_stats)
+
+    def _drain_inbox(self) -> bool:
+        """Hand queued adds and aborts to the engine; True if there were any."""
         with self._lock:
             inbox, self._inbox = self._inbox, []
         for kind, payload in inbox:
@@ -210,6 +220,7 @@ class AsyncEngine:
             except ValueError as exc:
                 self._send(request_id, exc)
                 self._close(request_id)
+        return bool(inbox)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         now = time.monotonic()

@@ -1,4 +1,4 @@
-"""The ``kvloom`` command: ``generate`` and ``plugins``."""
+"""The ``kvloom`` command: ``generate``, ``plugins`` and ``serve``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Sequence
 
 from kvloom.entrypoints.cli_generate import add_generate_parser
 from kvloom.entrypoints.cli_plugins import add_plugins_parser
+from kvloom.entrypoints.cli_serve import add_serve_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     add_generate_parser(commands)
     add_plugins_parser(commands)
+    add_serve_parser(commands)
     return parser
 
 

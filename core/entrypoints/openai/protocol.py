@@ -1,0 +1,202 @@
+"""Request and response schemas of the OpenAI-compatible API (OpenAI + vLLM field names).
+
+Scalars are strict where a silent coercion would hide a client bug (``"max_tokens":
+true`` or ``"n": "2"`` is a 400, not 1 or 2); floats still accept integers. Unknown
+fields are ignored, as OpenAI's own SDK sends fields a server may not know.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, Strict
+
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict()]
+Bool = Annotated[bool, Strict()]
+Str = Annotated[str, Strict()]
+
+
+class OpenAIModel(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(OpenAIModel):
+    include_usage: Bool = False
+    continuous_usage_stats: Bool = False
+
+
+class SamplingFields(OpenAIModel):
+    """Fields shared by /v1/completions and /v1/chat/completions."""
+
+    model: Str | None = None
+    max_tokens: Int | None = None
+    n: Int = 1
+    temperature: Float | None = Field(default=None, le=2.0)  # OpenAI's range
+    top_p: Float | None = None
+    top_k: Int | None = None
+    min_p: Float | None = None
+    presence_penalty: Float | None = None
+    frequency_penalty: Float | None = None
+    repetition_penalty: Float | None = None
+    seed: Int | None = None
+    stop: Str | list[Str] | None = None
+    stop_token_ids: list[Int] | None = None
+    ignore_eos: Bool = False
+    min_tokens: Int = 0
+    skip_special_tokens: Bool = True
+    include_stop_str_in_output: Bool = False
+    stream: Bool = False
+    stream_options: StreamOptions | None = None
+    user: Str | None = None
+
+
+# A prompt: text, a list of one text, token ids, or a list of one token-id list.
+PromptInput = Union[Str, list[Str], list[Int], list[list[Int]]]
+
+
+class CompletionRequest(SamplingFields):
+    prompt: PromptInput
+    logprobs: Int | None = None
+    echo: Bool = False
+    max_tokens: Int | None = 16  # OpenAI's legacy default
+
+
+class TextContentPart(OpenAIModel):
+    type: Literal["text"]
+    text: Str
+
+
+class ChatMessage(OpenAIModel):
+    role: Str
+    content: Str | list[TextContentPart] | None = None
+    name: Str | None = None
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Int | None = None
+    logprobs: Bool = False
+    top_logprobs: Int | None = None
+    add_generation_prompt: Bool = True
+
+
+class TokenizeRequest(OpenAIModel):
+    model: Str | None = None
+    prompt: Str | None = None
+    messages: list[ChatMessage] | None = None
+    add_generation_prompt: Bool = True
+
+
+class DetokenizeRequest(OpenAIModel):
+    model: Str | None = None
+    tokens: list[Int]
+
+
+# ------------------------------------------------------------------ responses
+class UsageInfo(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class CompletionLogprobs(BaseModel):
+    text_offset: list[int] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    tokens: list[str] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: str = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob] | None = None
+
+
+class ChatResponseMessage(BaseModel):
+    role: str = "assistant"
+    content: str | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: str = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo | None = None
+
+
+class DeltaMessage(BaseModel):
+    role: str | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: str = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: UsageInfo | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: str = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "kvloom"
+    root: str | None = None
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: str = "list"
+    data: list[ModelCard]
+
+
+def dump(model: BaseModel) -> dict[str, Any]:
+    """A response model as JSON-ready data (``usage: null`` kept, as OpenAI sends it)."""
+    return model.model_dump(mode="json")
