@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import Sequence
 
+from kvloom.entrypoints.cli_bench import add_bench_parser
 from kvloom.entrypoints.cli_generate import add_generate_parser
 from kvloom.entrypoints.cli_plugins import add_plugins_parser
 from kvloom.entrypoints.cli_serve import add_serve_parser
@@ -16,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     add_generate_parser(commands)
     add_plugins_parser(commands)
+    add_bench_parser(commands)
     add_serve_parser(commands)
     return parser
 

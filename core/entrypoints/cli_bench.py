@@ -42,6 +42,8 @@ def add_bench_parser(commands) -> None:
     serve.add_argument("--input-len", type=int, default=256)
     serve.add_argument("--output-len", type=int, default=128)
     serve.add_argument("--seed", type=int, default=0)
+    serve.add_argument("--max-token-id", type=int, default=10000,
+                       help="prompts are random token ids below this (keep it under the vocabulary)")
     serve.add_argument("--json", type=Path, default=None, help="also write results here")
     serve.set_defaults(handler=run_bench_serve)
 
@@ -61,7 +63,7 @@ async def run_load(args: argparse.Namespace, rate: float) -> tuple[list[RequestR
     import httpx
 
     rng = random.Random(args.seed)
-    prompts = [[rng.randrange(10000) for _ in range(args.input_len)]
+    prompts = [[rng.randrange(args.max_token_id) for _ in range(args.input_len)]
                for _ in range(args.num_prompts)]
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)

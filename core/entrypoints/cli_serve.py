@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 
 
 def add_serve_parser(commands) -> None:
@@ -23,6 +24,8 @@ def add_serve_parser(commands) -> None:
     parser.add_argument("--max-queued-requests", type=int, default=1024,
                         help="sequences that may wait beyond max-num-seqs before 503s")
     parser.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
+    parser.add_argument("--drain-timeout", type=float, default=30.0,
+                        help="seconds in-flight requests get to finish after SIGTERM")
     parser.add_argument("--log-level", default="info")
     parser.set_defaults(handler=run_serve)
 
@@ -45,6 +48,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from kvloom.engine.async_engine import AsyncEngine
     from kvloom.engine.engine import Engine
+    from kvloom.entrypoints.openai.draining import DrainingServer
     from kvloom.entrypoints.openai.server import build_app
 
     if args.max_queued_requests < 0:
@@ -53,8 +57,15 @@ def run_serve(args: argparse.Namespace) -> int:
     async_engine = AsyncEngine(engine, max_queued_requests=args.max_queued_requests)
     app = build_app(async_engine, args.served_model_name or args.model, api_key=args.api_key,
                     max_body_bytes=args.max_body_bytes)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=args.drain_timeout)
+    server = DrainingServer(config, app.state.kvloom)
+    # uvicorn re-raises the exit signal once its graceful shutdown is done; by then the
+    # drain has happened, so let that re-raise end in a normal exit (status 0).
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        server.run()
     finally:
+        signal.signal(signal.SIGTERM, previous)
         async_engine.shutdown()
     return 0

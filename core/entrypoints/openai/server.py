@@ -41,6 +41,7 @@ class ServerState:
     model_name: str
     metrics: ServerMetrics
     ready: bool = False
+    draining: bool = False  # SIGTERM received: finish what runs, take nothing new
 
     @property
     def tokenizer(self) -> Any:
@@ -142,7 +143,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.get("/ready")
     async def ready() -> Response:
-        if not (state.ready and state.engine.is_healthy):
+        if state.draining or not (state.ready and state.engine.is_healthy):
             return error_response(503, "the server is not ready")
         return JSONResponse({"status": "ready"})
 
@@ -188,6 +189,9 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
 
 # ------------------------------------------------------------- validation
 def _check_model(state: ServerState, model: str | None) -> None:
+    if state.draining:
+        raise APIError(503, "the server is shutting down", err_type="unavailable",
+                       headers={"Retry-After": "1"})
     if model is not None and model != state.model_name:
         raise APIError(404, f"the model {model[:100]!r} does not exist", param="model",
                        code="model_not_found")
