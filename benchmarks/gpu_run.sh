@@ -27,5 +27,6 @@ MODELS=${*:-qwen2-0.5b}
 for model in $MODELS; do
     [[ $STEPS == *latency* ]] && step "latency_$model" 300 python3 benchmarks/latency.py --model "$model" --json "$OUT/latency_$model.json"
     [[ $STEPS == *profile* ]] && step "profile_$model" 240 python3 benchmarks/profile_step.py --model "$model" --batch 1 256 --steps 20
+    [[ $STEPS == *serve* ]] && step "serve_$model" 400 python3 benchmarks/serve.py --model "$model" --json "$OUT/serve_$model.json"
     [[ $STEPS == *throughput* ]] && step "throughput_$model" 560 python3 benchmarks/throughput.py --model "$model" ${THROUGHPUT_ARGS:-} --json "$OUT/throughput_$model.json"
 done

@@ -106,7 +106,9 @@ def read_chunk(chunk: dict, result: RequestResult, now: float) -> None:
         return
     if chunk.get("usage"):
         result.num_output_tokens = chunk["usage"]["completion_tokens"]
-    if any(choice.get("text") for choice in chunk.get("choices", [])):
+    # A chunk with choices carries a step's tokens, even when they decode to no text
+    # (or the server runs without a tokenizer).
+    if chunk.get("choices"):
         if result.first_token is None:
             result.first_token = now
         result.chunk_times.append(now)
