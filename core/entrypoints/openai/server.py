@@ -371,7 +371,11 @@ class Accumulator:
             if completion.finish_reason is not None:
                 choice.finish_reason = _finish_reason(completion.finish_reason)
                 choice.stop_reason = completion.stop_reason
-            if completion.text or new_logprobs or choice.finish_reason is not None:
+            # Every step's tokens make a chunk, even when they decode to no text yet
+            # (a split multi-byte character, a held-back stop string, no tokenizer):
+            # clients and load generators time tokens by chunks.
+            if (completion.token_ids or completion.text or new_logprobs
+                    or choice.finish_reason is not None):
                 deltas.append(Delta(completion.index, completion.text, new_logprobs,
                                     choice.finish_reason, choice.stop_reason, offset))
         return deltas
