@@ -37,7 +37,8 @@ def head_size_of(config) -> int:
 
 
 class Qwen2Attention(nn.Module):
-    def __init__(self, config, context: ModelContext, layer_index: int, qkv_bias: bool = True):
+    def __init__(self, config, context: ModelContext, layer_index: int, qkv_bias: bool = True,
+                 o_proj_bias: bool = False):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -47,7 +48,7 @@ class Qwen2Attention(nn.Module):
         dtype = context.dtype
         self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size,
                                   bias=qkv_bias, dtype=dtype)
-        self.o_proj = Linear(self.q_size, config.hidden_size, bias=False, dtype=dtype)
+        self.o_proj = Linear(self.q_size, config.hidden_size, bias=o_proj_bias, dtype=dtype)
         self.rotary_emb = RotaryEmbedding(self.head_size, rope_theta_of(config),
                                           config.max_position_embeddings)
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_size,
@@ -75,10 +76,12 @@ class GatedMLP(nn.Module):
 
 
 class Qwen2DecoderLayer(nn.Module):
+    attention_cls = Qwen2Attention
+
     def __init__(self, config, context: ModelContext, layer_index: int):
         super().__init__()
         dtype = context.dtype
-        self.self_attn = Qwen2Attention(config, context, layer_index)
+        self.self_attn = self.attention_cls(config, context, layer_index)
         self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, dtype)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
@@ -114,7 +117,7 @@ class Qwen2ForCausalLM(nn.Module):
 
     def __init__(self, hf_config, context: ModelContext):
         super().__init__()
-        check_supported(hf_config)
+        self.check_supported(hf_config)
         self.config = hf_config
         self.context = context
         self.model = self.model_cls(hf_config, context)
@@ -123,6 +126,10 @@ class Qwen2ForCausalLM(nn.Module):
                                  dtype=context.dtype)
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    @staticmethod
+    def check_supported(hf_config) -> None:
+        check_supported(hf_config)
 
     def forward(self, input_ids, positions, kv_caches, attn_metadata) -> torch.Tensor:
         return self.model(input_ids, positions, kv_caches, attn_metadata)
