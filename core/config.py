@@ -180,6 +180,16 @@ class EngineConfig(Section):
         return self.plugins if self.plugins is not None else plugin_allowlist_from_env()
 
 
+def cache_dir() -> Path:
+    """Where downloaded and converted models live: $KVLOOM_CACHE_DIR, else
+    $XDG_CACHE_HOME/kvloom, else ~/.cache/kvloom."""
+    explicit = os.environ.get("KVLOOM_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "kvloom"
+
+
 def plugin_allowlist_from_env() -> list[str] | None:
     """Entry-point names from ``$KVLOOM_PLUGINS`` (comma separated), or None for all."""
     raw = os.environ.get(PLUGIN_ALLOWLIST_ENV)

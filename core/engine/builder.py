@@ -8,13 +8,14 @@ from typing import Any
 
 import torch
 
-from kvloom.config import EngineConfig
+from kvloom.config import EngineConfig, cache_dir
 from kvloom.engine.selection import loader_candidates, platform_candidates, select_component
 from kvloom.interfaces.attention import AttentionBackend, AttentionSpec
 from kvloom.interfaces.loader import ModelLoader
 from kvloom.interfaces.model import ModelContext
 from kvloom.interfaces.platform import Platform
 from kvloom.kv_cache.kv_cache_manager import KVCacheManager
+from kvloom.model_source import resolve_model
 from kvloom.registry import PluginSelectionError, Registries
 from kvloom.scheduler.scheduler import Scheduler, SchedulerLimits
 from kvloom.worker.cuda_graphs import default_capture_sizes
@@ -44,6 +45,10 @@ class EngineComponents:
 
 
 def build_engine(config: EngineConfig, registries: Registries) -> EngineComponents:
+    resolved = resolve_model(config.model.model, cache_dir())
+    if resolved != config.model.model:  # an alias or hub id, now a local path
+        config = config.model_copy(update={"model": config.model.model_copy(
+            update={"model": resolved})})
     _, platform = select_component(
         registries["platform"], config.platform, platform_candidates(registries["platform"]),
         registries["platform"].create, lambda p: p.validate())

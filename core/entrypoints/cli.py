@@ -7,6 +7,7 @@ import sys
 from typing import Sequence
 
 from kvloom.entrypoints.cli_bench import add_bench_parser
+from kvloom.entrypoints.cli_chat import add_chat_parser
 from kvloom.entrypoints.cli_generate import add_generate_parser
 from kvloom.entrypoints.cli_plugins import add_plugins_parser
 from kvloom.entrypoints.cli_serve import add_serve_parser
@@ -18,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_parser(commands)
     add_plugins_parser(commands)
     add_bench_parser(commands)
+    add_chat_parser(commands)
     add_serve_parser(commands)
     return parser
 

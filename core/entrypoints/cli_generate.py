@@ -1,4 +1,4 @@
-"""``kvloom generate --model PATH_OR_YAML "prompt" ...``."""
+"""``kvloom generate [--model PATH_OR_YAML_OR_ALIAS] "prompt" ...``."""
 
 from __future__ import annotations
 
@@ -15,21 +15,33 @@ _SAMPLING_FLAGS = {
 def add_generate_parser(commands) -> None:
     parser = commands.add_parser("generate", help="generate text for one or more prompts")
     parser.add_argument("prompts", nargs="+", help="prompt text(s)")
-    parser.add_argument("--model", required=True,
-                        help="an HF model directory, or an engine.yaml file")
+    add_model_flags(parser)
+    parser.add_argument("--chat", action="store_true",
+                        help="wrap each prompt as a user message through the chat template")
+    add_sampling_flags(parser)
+    parser.set_defaults(handler=run_generate)
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    from kvloom.model_source import DEFAULT_MODEL, MODEL_ALIASES
+
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help="an HF model directory, a .gguf file, an engine.yaml, a hub id, "
+                             f"or an alias ({', '.join(MODEL_ALIASES)}; default "
+                             f"{DEFAULT_MODEL})")
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--attention", default=None)
     parser.add_argument("--platform", default=None)
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--load-format", default=None)
-    parser.add_argument("--chat", action="store_true",
-                        help="wrap each prompt as a user message through the chat template")
+
+
+def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     for name, kind in _SAMPLING_FLAGS.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, dest=name)
     parser.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     parser.add_argument("--stop-token-ids", type=int, nargs="+", default=None)
     parser.add_argument("--ignore-eos", action="store_true")
-    parser.set_defaults(handler=run_generate)
 
 
 def engine_overrides(args: argparse.Namespace) -> dict:

@@ -31,24 +31,29 @@ class SafetensorsLoader(ModelLoader):
         return []
 
     def load_weights(self, model: torch.nn.Module, model_config: Any) -> None:
-        files = checkpoint_files(Path(model_config.model))
-        names = set()
+        load_checkpoint_dir(model, Path(model_config.model))
 
-        def tensors() -> Iterator[tuple[str, torch.Tensor]]:
-            from safetensors import safe_open
 
-            for file in files:
-                with safe_open(str(file), framework="pt", device="cpu") as reader:
-                    for name in reader.keys():
-                        names.add(name)
-                        yield name, reader.get_tensor(name)
+def load_checkpoint_dir(model: torch.nn.Module, path: Path) -> None:
+    """Load every tensor of an HF safetensors checkpoint; unused tensors are an error."""
+    files = checkpoint_files(path)
+    names = set()
 
-        consumed = model.load_weights(tensors())
-        unused = sorted(names - consumed)
-        if unused:
-            shown = ", ".join(unused[:8]) + (" ..." if len(unused) > 8 else "")
-            raise ValueError(f"{len(unused)} checkpoint tensor(s) in {model_config.model} "
-                             f"are not used by {type(model).__name__}: {shown}")
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        from safetensors import safe_open
+
+        for file in files:
+            with safe_open(str(file), framework="pt", device="cpu") as reader:
+                for name in reader.keys():
+                    names.add(name)
+                    yield name, reader.get_tensor(name)
+
+    consumed = model.load_weights(tensors())
+    unused = sorted(names - consumed)
+    if unused:
+        shown = ", ".join(unused[:8]) + (" ..." if len(unused) > 8 else "")
+        raise ValueError(f"{len(unused)} checkpoint tensor(s) in {path} "
+                         f"are not used by {type(model).__name__}: {shown}")
 
 
 def checkpoint_files(path: Path) -> list[Path]:

