@@ -1,0 +1,125 @@
+"""The ``xgrammar`` structured-output backend: JSON schema, any JSON, regex, choice, EBNF.
+
+Compiles a request's spec into an XGrammar matcher that follows the generated tokens and
+fills a packed int32 bitmask row of allowed next tokens. Compiled grammars are cached by
+spec, so repeated schemas compile once per engine.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import torch
+
+from kvloom.hookspecs import hookimpl
+from kvloom.interfaces.structured_output import Grammar, StructuredOutputBackend
+
+SPEC_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+MAX_JSON_WHITESPACE = 2   # bounds runaway whitespace between JSON tokens
+
+
+@hookimpl
+def register_structured_output_backends(register):
+    register("xgrammar", XGrammarBackend)
+
+
+class XGrammarGrammar(Grammar):
+    """One request's matcher, optionally narrowed by a fixed mask of permitted tokens."""
+
+    def __init__(self, matcher: Any, permitted: torch.Tensor | None = None) -> None:
+        self.matcher = matcher
+        self.permitted = permitted
+
+    def accept_tokens(self, token_ids: list[int]) -> bool:
+        accepted = 0
+        for token_id in token_ids:
+            if not self.matcher.accept_token(token_id):
+                self.matcher.rollback(accepted)  # all or nothing
+                return False
+            accepted += 1
+        return True
+
+    def rollback(self, num_tokens: int) -> None:
+        if num_tokens:
+            self.matcher.rollback(num_tokens)
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        self.matcher.fill_next_token_bitmask(bitmask, row)
+        if self.permitted is not None:
+            bitmask[row] &= self.permitted
+
+    def is_terminated(self) -> bool:
+        return self.matcher.is_terminated()
+
+
+class XGrammarBackend(StructuredOutputBackend):
+    """Compiles specs for one tokenizer and vocabulary size (the model's, padding included)."""
+
+    name = "xgrammar"
+
+    def __init__(self, tokenizer: Any, vocab_size: int) -> None:
+        import xgrammar
+
+        self.xgrammar = xgrammar
+        self.vocab_size = vocab_size
+        info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
+        self.compiler = xgrammar.GrammarCompiler(info, cache_enabled=True)
+        self.tokenizer = tokenizer
+        self._no_control_chars: torch.Tensor | None = None
+
+    def compile(self, spec_kind: str, spec: Any) -> Grammar:
+        """Raises ValueError naming the spec kind for anything invalid or unsupported."""
+        try:
+            compiled = self._compile(spec_kind, spec)
+        except ValueError:
+            raise
+        except Exception as exc:  # xgrammar's parse errors come in several types
+            raise ValueError(f"invalid {spec_kind} for structured output: "
+                             f"{str(exc).splitlines()[0][:300]}") from None
+        matcher = self.xgrammar.GrammarMatcher(compiled)
+        permitted = self._tokens_without_control_chars() if spec_kind.startswith("json") else None
+        return XGrammarGrammar(matcher, permitted)
+
+    def allocate_bitmask(self, num_rows: int) -> torch.Tensor:
+        return self.xgrammar.allocate_token_bitmask(num_rows, self.vocab_size)
+
+    def _tokens_without_control_chars(self) -> torch.Tensor:
+        """Bitmask row of the tokens whose text has no control character.
+
+        XGrammar's JSON grammar lets raw control characters (U+0000-U+001F) into strings,
+        which strict JSON forbids; masking those tokens out for JSON specs keeps every
+        output parseable (whitespace between JSON tokens is then spaces only).
+        Built once per backend, on the first JSON request.
+        """
+        if self._no_control_chars is None:
+            ids = range(self.vocab_size)
+            texts = self.tokenizer.batch_decode([[i] for i in ids])
+            bad = {i for i, text in zip(ids, texts)
+                   if any(ord(char) < 0x20 for char in text)}
+            row = self.allocate_bitmask(1)[0]
+            for token_id in bad:
+                word, bit = divmod(token_id, 32)
+                row[word] &= ~(1 << bit) if bit < 31 else 0x7FFFFFFF
+            self._no_control_chars = row
+        return self._no_control_chars
+
+    def _compile(self, spec_kind: str, spec: Any):
+        compiler = self.compiler
+        if spec_kind == "json":
+            schema = spec if isinstance(spec, str) else json.dumps(spec)
+            return compiler.compile_json_schema(schema, any_whitespace=True,
+                                                max_whitespace_cnt=MAX_JSON_WHITESPACE)
+        if spec_kind == "json_object":
+            return compiler.compile_builtin_json_grammar()
+        if spec_kind == "regex":
+            return compiler.compile_regex(spec)
+        if spec_kind == "choice":
+            if not spec or not all(isinstance(choice, str) for choice in spec):
+                raise ValueError("choice must be a non-empty list of strings")
+            return compiler.compile_regex("|".join(re.escape(choice) for choice in spec))
+        if spec_kind == "grammar":
+            return compiler.compile_grammar(spec)
+        raise ValueError(f"unknown structured-output kind {spec_kind!r}; "
+                         f"expected one of {', '.join(SPEC_KINDS)}")
