@@ -24,7 +24,7 @@ from typing import Any, AsyncIterator
 from kvloom.engine.engine import Engine
 from kvloom.engine.input_processor import PromptType
 from kvloom.engine.stats import EngineStats
-from kvloom.outputs import RequestOutput
+from kvloom.outputs import CompletionOutput, RequestOutput
 from kvloom.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -95,6 +95,7 @@ class AsyncEngine:
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._accepting = True
         self.dead_error: BaseException | None = None
         self.latest_stats: EngineStats = engine.get_stats()
 
@@ -132,12 +133,9 @@ class AsyncEngine:
         Raises ValueError for invalid input (before anything runs),
         EngineOverloadedError when full, EngineDeadError after an engine failure.
         """
-        if self.dead_error is not None:
-            raise EngineDeadError("the engine stopped after an internal error")
-        if self._stopping:  # nothing would ever drain the request
-            raise EngineDeadError("the server is shutting down")
         request_id = request_id or f"req-{next(self._ids)}"
         stream = self._admit(request_id, params.n)
+        finished = False
         try:
             # Tokenize off the event loop; the engine thread only queues it.
             processed = await asyncio.to_thread(self.engine.input_processor.process_prompt,
@@ -149,16 +147,22 @@ class AsyncEngine:
                     raise item
                 yield item
                 if item.finished:
+                    finished = True
                     return
         finally:
-            if request_id in self._streams:  # abandoned early: free its blocks
-                self._post("abort", request_id)
+            if not finished and self._streams.get(request_id) is stream:
+                self._post("abort", request_id)  # abandoned early: free its blocks
 
     def abort(self, request_id: str) -> None:
-        self._post("abort", request_id)
+        """Stop a request; its ``generate`` ends with an output whose finish_reason is "abort"."""
+        self._post("abort_notify", request_id)
 
     def _admit(self, request_id: str, num_slots: int) -> _Stream:
-        with self._lock:
+        with self._lock:  # the loop thread refuses new work under the same lock
+            if self.dead_error is not None:
+                raise EngineDeadError("the engine stopped after an internal error")
+            if not self._accepting:  # nothing would ever drain the request
+                raise EngineDeadError("the server is shutting down")
             if request_id in self._streams:
                 raise ValueError(f"request_id {request_id!r} is already in use")
             if self._num_slots_in_use + num_slots > self.max_slots:
@@ -191,8 +195,10 @@ class AsyncEngine:
         except BaseException as exc:  # the model failed: fail everyone, never hang
             logger.exception("engine loop failed")
             self.dead_error = exc
+            self._refuse_new()
             self._fail_all(EngineDeadError(f"the engine failed: {type(exc).__name__}"))
         finally:
+            self._refuse_new()
             if self._stopping:
                 if self.dead_error is None:  # a healthy engine gives the blocks back
                     self.engine.abort_request(list(self._streams))
@@ -207,8 +213,11 @@ class AsyncEngine:
         with self._lock:
             inbox, self._inbox = self._inbox, []
         for kind, payload in inbox:
-            if kind == "abort":
+            if kind in ("abort", "abort_notify"):
                 self.engine.abort_request(payload)
+                stream = self._streams.get(payload)
+                if kind == "abort_notify" and stream is not None:
+                    self._send(payload, _aborted_output(payload, stream.num_slots))
                 self._close(payload)
                 continue
             request_id, processed, params, priority, cache_salt = payload
@@ -219,6 +228,10 @@ class AsyncEngine:
                                         priority=priority, cache_salt=cache_salt)
             except ValueError as exc:
                 self._send(request_id, exc)
+                self._close(request_id)
+            except Exception:  # one request's preprocessing must not stop the others
+                logger.exception("adding request %s failed", request_id)
+                self._send(request_id, RuntimeError("the request could not be started"))
                 self._close(request_id)
         return bool(inbox)
 
@@ -256,10 +269,21 @@ class AsyncEngine:
             if stream is not None:
                 self._num_slots_in_use -= stream.num_slots
 
+    def _refuse_new(self) -> None:
+        with self._lock:
+            self._accepting = False
+
     def _fail_all(self, error: BaseException) -> None:
         for request_id in list(self._streams):
             self._send(request_id, error)
             self._close(request_id)
+
+
+def _aborted_output(request_id: str, num_sequences: int) -> RequestOutput:
+    """The last output of a request stopped by ``AsyncEngine.abort``."""
+    completions = [CompletionOutput(index, "", [], None, None, finish_reason="abort")
+                   for index in range(num_sequences)]
+    return RequestOutput(request_id, None, [], completions, finished=True)
 
 
 def _as_token_prompt(processed) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from kvloom.sampling_params import SamplingParams
 
@@ -46,6 +47,9 @@ class SchedulerOutput:
     num_scheduled_tokens: int
     finished_request_ids: set[str]
     num_preempted: int = 0
+    # The scheduler's own Request objects, by id: a step completed late (async
+    # scheduling) must not credit a new request that reused a finished one's id.
+    request_objects: dict[str, Any] = field(default_factory=dict)
 
     @property
     def is_empty(self) -> bool:

@@ -87,7 +87,9 @@ class Scheduler:
             budget = self._schedule_waiting(budget, scheduled)
         finished, self.finished_request_ids = self.finished_request_ids, set()
         num_tokens = self.limits.max_num_batched_tokens - budget
-        return SchedulerOutput(list(scheduled.values()), num_tokens, finished, num_preempted)
+        objects = {request_id: self.requests[request_id] for request_id in scheduled}
+        return SchedulerOutput(list(scheduled.values()), num_tokens, finished, num_preempted,
+                               objects)
 
     def _schedule_running(self, budget: int,
                           scheduled: dict[str, ScheduledRequest]) -> tuple[int, int]:
@@ -208,6 +210,8 @@ class Scheduler:
             request = self.requests.get(request_id)
             if request is None or request.is_finished():
                 continue
+            if request is not scheduler_output.request_objects.get(request_id, request):
+                continue  # the id was reused after the step was launched
             token_id = runner_output.sampled_token_ids[row]
             request.num_output_placeholders -= 1
             request.append_output_token(token_id)
