@@ -17,6 +17,7 @@ _EXPORTS = {
     "EngineConfig": "kvloom.config",
     "SamplingParams": "kvloom.sampling_params",
     "RequestOutputKind": "kvloom.sampling_params",
+    "StructuredOutputsParams": "kvloom.sampling_params",
     "RequestOutput": "kvloom.outputs",
     "CompletionOutput": "kvloom.outputs",
     "Logprob": "kvloom.outputs",

@@ -23,6 +23,39 @@ class RequestOutputKind(enum.Enum):
 
 
 @dataclass
+class StructuredOutputsParams:
+    """Constrain a request's output (vLLM's field names); set exactly one field.
+
+    Attributes:
+        json: a JSON schema (dict or JSON string).
+        regex: a regular expression the whole output must match.
+        choice: the output is exactly one of these strings.
+        grammar: an EBNF grammar (XGrammar's dialect).
+        json_object: any JSON object.
+    """
+
+    json: dict | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def __post_init__(self) -> None:
+        chosen = [name for name in ("json", "regex", "choice", "grammar", "json_object")
+                  if getattr(self, name) not in (None, False)]
+        if len(chosen) != 1:
+            raise ValueError("structured_outputs must set exactly one of json, regex, choice, "
+                             f"grammar, json_object (got {chosen or 'none'})")
+
+    @property
+    def kind_and_spec(self) -> tuple[str, object]:
+        for name in ("json", "regex", "choice", "grammar"):
+            if getattr(self, name) is not None:
+                return name, getattr(self, name)
+        return "json_object", True
+
+
+@dataclass
 class SamplingParams:
     """Sampling parameters, validated on construction.
 
@@ -48,6 +81,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    structured_outputs: StructuredOutputsParams | None = None
     _stop_list: list[str] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -57,6 +91,9 @@ class SamplingParams:
         self._check_stops()
         if self.top_k == -1:
             self.top_k = 0
+        if self.structured_outputs is not None and not isinstance(
+                self.structured_outputs, StructuredOutputsParams):
+            raise ValueError("structured_outputs must be a StructuredOutputsParams")
 
     @property
     def stop_strings(self) -> list[str]:

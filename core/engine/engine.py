@@ -50,6 +50,7 @@ class Engine:
         self.input_processor = InputProcessor(components.tokenizer, limits,
                                               components.eos_token_ids)
         self.output_processor = OutputProcessor(components.tokenizer)
+        self._grammar_backend = None
 
     @classmethod
     def from_config(cls, source: str | os.PathLike | dict[str, Any] | EngineConfig,
@@ -72,10 +73,26 @@ class Engine:
         requests = self.input_processor.make_requests(request_id, processed, params, priority,
                                                       cache_salt, arrival_time)
         self._check_ids_free(request_id, [r.request_id for r in requests])
+        if params.structured_outputs is not None:
+            kind, spec = params.structured_outputs.kind_and_spec
+            backend = self._structured_output_backend()
+            for request in requests:  # one matcher per sample; compiled once (cached)
+                request.grammar = backend.compile(kind, spec)
         self.output_processor.add_request(request_id, processed.text, processed.token_ids,
                                           params, [r.request_id for r in requests],
                                           [r.sampling_params for r in requests])
         self.core.add_requests(requests)
+
+    def _structured_output_backend(self) -> Any:
+        """The configured backend (``structured_output:``, default xgrammar), built once."""
+        if self._grammar_backend is None:
+            if self.tokenizer is None:
+                raise ValueError("structured_outputs needs a tokenizer; the engine was started "
+                                 "with skip_tokenizer_init")
+            name = self.config.structured_output or "xgrammar"
+            self._grammar_backend = self.registries["structured_output"].create(
+                name, self.tokenizer, self.components.hf_config.vocab_size)
+        return self._grammar_backend
 
     def _check_ids_free(self, request_id: str, sequence_ids: list[str]) -> None:
         """Neither the request id nor any of its samples' ids may be in use."""

@@ -37,6 +37,7 @@ class ScheduledRequest:
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     banned_token_ids: list[int] = field(default_factory=list)
+    grammar: Any = None  # fills this row's allowed-token bitmask when sampling
 
 
 @dataclass(slots=True)

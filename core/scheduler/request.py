@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from kvloom.sampling_params import SamplingParams
 
@@ -60,6 +61,7 @@ class Request:
     num_cached_tokens: int = -1
     num_preemptions: int = 0
     num_output_placeholders: int = 0
+    grammar: Any = None  # a structured-output Grammar following this request's tokens
     block_hashes: list[bytes] = field(default_factory=list)
     stop_reason: int | str | None = None
 

@@ -67,8 +67,10 @@ class Scheduler:
         return bool(self.running) or len(self.waiting) > 0
 
     def needs_every_token_on_host(self) -> bool:
-        """True if a running request's sampling depends on its latest tokens (penalties)."""
-        return any(not _penalty_free(r.sampling_params) for r in self.running)
+        """True if a running request's sampling depends on its latest tokens (penalties,
+        a grammar that must see each token before masking the next)."""
+        return any(r.grammar is not None or not _penalty_free(r.sampling_params)
+                   for r in self.running)
 
     @property
     def num_running(self) -> int:
@@ -198,6 +200,7 @@ class Scheduler:
             prompt_token_ids=request.prompt_token_ids,
             output_token_ids=request.output_token_ids,
             banned_token_ids=banned,
+            grammar=request.grammar,
         )
 
     # ------------------------------------------------------------------ update
@@ -239,6 +242,10 @@ class Scheduler:
         # A stop token wins over the length limit it coincides with: the model
         # did finish, so the reason is "stop" (as in vLLM), not "length".
         params = request.sampling_params
+        if request.grammar is not None:
+            request.grammar.accept_tokens([token_id])
+            if request.grammar.is_terminated():
+                return RequestStatus.FINISHED_STOPPED
         if request.num_output_tokens >= params.min_tokens:
             if not params.ignore_eos and token_id in request.eos_token_ids:
                 return RequestStatus.FINISHED_STOPPED

@@ -11,6 +11,7 @@ from kvloom.interfaces.sampler import Sampler
 from kvloom.sampling_params import SamplingParams
 from kvloom.scheduler.output import ScheduledRequest, SchedulerOutput
 from kvloom.worker.cuda_graphs import CudaGraphDecoder
+from kvloom.worker.grammar_mask import apply_grammar_masks
 from kvloom.worker.input_batch import InputBuffers, ModelInputs
 from kvloom.worker.runner_output import ModelRunnerOutput, PendingRunnerOutput
 from kvloom.worker.sampling import SampledTokenStore, SamplingState
@@ -64,6 +65,8 @@ class ModelRunner:
             return PendingRunnerOutput.empty()
         logits = self.model.compute_logits(hidden_states[inputs.logits_indices]).float()
         rows = [scheduled[row] for row in inputs.sampled_rows]
+        if any(row.grammar is not None for row in rows):
+            logits = apply_grammar_masks(logits, [row.grammar for row in rows])
         output = self.sampler.sample(logits, self.sampling_state.metadata_for(rows))
         return self.sampled_tokens.record(rows, output)
 
