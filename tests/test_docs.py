@@ -23,11 +23,13 @@ def python_examples():
 
 
 @pytest.mark.parametrize("source", list(python_examples()))
-def test_doc_example_runs(source, tiny_qwen2, tmp_path, monkeypatch):
+def test_doc_example_runs(source, tiny_qwen2, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     source = source.replace("/tmp/kvloom-tiny", str(tiny_qwen2))
     source = source.replace("/tmp/engine.yaml", str(tmp_path / "engine.yaml"))
     exec(compile(source, "<doc example>", "exec"), {"__name__": "doc_example"})
+    # An example that shows output must actually produce it.
+    assert "print(" not in source or capsys.readouterr().out.strip()
 
 
 def hook_names():
