@@ -28,8 +28,9 @@ def test_doc_example_runs(source, tiny_qwen2, tmp_path, monkeypatch, capsys):
     source = source.replace("/tmp/kvloom-tiny", str(tiny_qwen2))
     source = source.replace("/tmp/engine.yaml", str(tmp_path / "engine.yaml"))
     exec(compile(source, "<doc example>", "exec"), {"__name__": "doc_example"})
-    # An example that shows output must actually produce it.
-    assert "print(" not in source or capsys.readouterr().out.strip()
+    # An example that prints at top level must actually produce output.
+    top_level_prints = [line for line in source.splitlines() if line.startswith("print(")]
+    assert not top_level_prints or capsys.readouterr().out.strip()
 
 
 def hook_names():
