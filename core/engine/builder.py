@@ -20,6 +20,7 @@ from kvloom.registry import PluginSelectionError, Registries
 from kvloom.scheduler.scheduler import Scheduler, SchedulerLimits
 from kvloom.worker.cuda_graphs import default_capture_sizes
 from kvloom.worker.input_batch import InputBuffers
+from kvloom.engine.grammar_compiler import GrammarCompiler
 from kvloom.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class EngineComponents:
     scheduler: Scheduler
     runner: ModelRunner
     kv_cache_manager: KVCacheManager
+    grammar_compiler: GrammarCompiler
 
 
 def build_engine(config: EngineConfig, registries: Registries) -> EngineComponents:
@@ -66,7 +68,10 @@ def build_engine(config: EngineConfig, registries: Registries) -> EngineComponen
     model.eval()
 
     limits = resolve_scheduler_limits(config, max_model_len)
-    runner = _build_runner(config, registries, platform, model, backend, limits)
+    grammar_compiler = GrammarCompiler(
+        lambda: _make_structured_output_backend(config, registries, tokenizer, hf_config))
+    runner = _build_runner(config, registries, platform, model, backend, limits,
+                           grammar_compiler)
     if platform.device_type == "cuda":
         # The KV cache gets what the largest step leaves free.
         runner.profile_run(min(limits.max_num_batched_tokens, max_model_len),
@@ -88,12 +93,12 @@ def build_engine(config: EngineConfig, registries: Registries) -> EngineComponen
     scheduler = Scheduler(limits, kv_cache_manager)
     return EngineComponents(platform, attention_name, tokenizer, hf_config, dtype, max_model_len,
                             eos_token_ids(config, hf_config, tokenizer), scheduler, runner,
-                            kv_cache_manager)
+                            kv_cache_manager, grammar_compiler)
 
 
 def _build_runner(config: EngineConfig, registries: Registries, platform: Platform,
                   model: torch.nn.Module, backend: AttentionBackend,
-                  limits: SchedulerLimits) -> ModelRunner:
+                  limits: SchedulerLimits, grammar_compiler: GrammarCompiler) -> ModelRunner:
     block_size = config.cache.block_size
     buffers = InputBuffers(
         max_num_tokens=max(limits.max_num_batched_tokens, limits.max_num_seqs),
@@ -101,7 +106,19 @@ def _build_runner(config: EngineConfig, registries: Registries, platform: Platfo
         max_blocks_per_seq=-(-limits.max_model_len // block_size),
         device=platform.device(), pin_memory=getattr(platform, "uses_pinned_memory", False))
     sampler = registries["sampler"].create(config.sampler)
-    return ModelRunner(model, backend, sampler, buffers, block_size, platform.device())
+    return ModelRunner(model, backend, sampler, buffers, block_size, platform.device(),
+                       grammar_compiler.fill_bitmasks)
+
+
+def _make_structured_output_backend(config: EngineConfig, registries: Registries,
+                                    tokenizer: Any, hf_config: Any) -> Any:
+    """The configured backend (``structured_output:``, default xgrammar), for the
+    model's padded vocabulary."""
+    if tokenizer is None:
+        raise ValueError("structured_outputs needs a tokenizer; the engine was started "
+                         "with skip_tokenizer_init")
+    name = config.structured_output or "xgrammar"
+    return registries["structured_output"].create(name, tokenizer, hf_config.vocab_size)
 
 
 def use_cuda_graphs(config: EngineConfig, platform: Platform, backend: AttentionBackend) -> bool:

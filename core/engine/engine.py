@@ -16,6 +16,7 @@ from kvloom.outputs import RequestOutput
 from kvloom.plugin_manager import KvloomPluginManager, make_plugin_manager
 from kvloom.registry import Registries
 from kvloom.sampling_params import SamplingParams
+from kvloom.scheduler.output import EngineCoreOutput
 from kvloom.scheduler.request import RequestStatus
 
 logger = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ class Engine:
         self.input_processor = InputProcessor(components.tokenizer, limits,
                                               components.eos_token_ids)
         self.output_processor = OutputProcessor(components.tokenizer)
-        self._grammar_backend = None
+        self.grammar_compiler = components.grammar_compiler
 
     @classmethod
     def from_config(cls, source: str | os.PathLike | dict[str, Any] | EngineConfig,
@@ -73,26 +74,14 @@ class Engine:
         requests = self.input_processor.make_requests(request_id, processed, params, priority,
                                                       cache_salt, arrival_time)
         self._check_ids_free(request_id, [r.request_id for r in requests])
-        if params.structured_outputs is not None:
+        if params.structured_outputs is not None:  # joins the scheduler once compiled
             kind, spec = params.structured_outputs.kind_and_spec
-            backend = self._structured_output_backend()
-            for request in requests:  # one matcher per sample; compiled once (cached)
-                request.grammar = backend.compile(kind, spec)
+            self.grammar_compiler.submit(request_id, requests, kind, spec)
+        else:
+            self.core.add_requests(requests)
         self.output_processor.add_request(request_id, processed.text, processed.token_ids,
                                           params, [r.request_id for r in requests],
                                           [r.sampling_params for r in requests])
-        self.core.add_requests(requests)
-
-    def _structured_output_backend(self) -> Any:
-        """The configured backend (``structured_output:``, default xgrammar), built once."""
-        if self._grammar_backend is None:
-            if self.tokenizer is None:
-                raise ValueError("structured_outputs needs a tokenizer; the engine was started "
-                                 "with skip_tokenizer_init")
-            name = self.config.structured_output or "xgrammar"
-            self._grammar_backend = self.registries["structured_output"].create(
-                name, self.tokenizer, self.components.hf_config.vocab_size)
-        return self._grammar_backend
 
     def _check_ids_free(self, request_id: str, sequence_ids: list[str]) -> None:
         """Neither the request id nor any of its samples' ids may be in use."""
@@ -103,30 +92,45 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduling step; returns outputs of requests that advanced."""
-        core_outputs = self.core.step()
+        core_outputs = self._admit_compiled() + self.core.step()
         outputs, stopped = self.output_processor.process(core_outputs)
         if stopped:
             self.core.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
         self._notify_step()
         return outputs
 
+    def _admit_compiled(self) -> list[EngineCoreOutput]:
+        """Move requests whose grammars are ready into the scheduler.
+
+        With nothing else to run, waits briefly for a compilation instead of
+        letting the caller's loop spin.
+        """
+        compiler = self.grammar_compiler
+        if compiler.num_pending and not self.core.has_unfinished_requests():
+            compiler.wait_for_any(timeout=0.05)
+        compiled = compiler.take_compiled()
+        self.core.add_requests(compiled.ready)
+        return [EngineCoreOutput(request.request_id, [], None, finish_reason="abort")
+                for request in compiled.failed]
+
     def abort_request(self, request_id: str | list[str]) -> None:
         """Stop requests and free their KV blocks; unknown ids are ignored."""
         request_ids = [request_id] if isinstance(request_id, str) else list(request_id)
         for rid in request_ids:
+            self.grammar_compiler.cancel(rid)
             sequence_ids = self.output_processor.sequence_ids(rid)
             self.core.finish_requests(sequence_ids, RequestStatus.FINISHED_ABORTED)
             self.output_processor.abort_request(rid)
 
     def has_unfinished_requests(self) -> bool:
-        return self.core.has_unfinished_requests()
+        return self.core.has_unfinished_requests() or self.grammar_compiler.num_pending > 0
 
     def get_stats(self) -> EngineStats:
         scheduler = self.core.scheduler
         kv = self.components.kv_cache_manager
         return EngineStats(
             num_running=scheduler.num_running,
-            num_waiting=scheduler.num_waiting,
+            num_waiting=scheduler.num_waiting + self.grammar_compiler.num_pending,
             kv_cache_usage=kv.usage(),
             num_free_blocks=kv.num_free_blocks(),
             num_total_blocks=kv.num_blocks,

@@ -4,7 +4,9 @@ With async scheduling, step N+1 is scheduled and launched before step N's
 sampled tokens are read back, so the host's bookkeeping overlaps the device's
 work. Tokens step N+1 needs from step N stay on the device (placeholders).
 Requests whose sampling needs every earlier token on the host (penalties)
-make the loop wait for the step in flight first.
+make the loop wait for the step in flight first. Structured-output grammars
+need them too, but only for masking: step N+1's forward pass is launched
+first and its sampling runs once step N's tokens have reached the grammars.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ class EngineCore:
         elif scheduler_output.finished_request_ids:
             self.runner.sampling_state.forget(scheduler_output.finished_request_ids)
         outputs += self._complete_in_flight()
+        if launched is not None:
+            launched[1].sample()
         self.in_flight = launched
         if launched is not None and not self.async_scheduling:
             outputs += self._complete_in_flight()

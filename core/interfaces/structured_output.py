@@ -2,6 +2,10 @@
 
 A backend compiles a request's spec (JSON schema, regex, choice, grammar) into
 a grammar that follows the generated tokens and masks the logits.
+
+Bitmasks are packed int32 rows owned by the core: bit ``i`` of word ``w`` allows
+token ``32 * w + i``, one row per constrained request, ``ceil(vocab_size / 32)``
+words per row (the model's vocabulary size, padding included).
 """
 
 from __future__ import annotations
@@ -33,14 +37,28 @@ class Grammar(ABC):
 
 
 class StructuredOutputBackend(ABC):
-    """Compiles specs into grammars for one tokenizer."""
+    """Compiles specs into grammars for one tokenizer.
+
+    The engine calls ``validate`` when a request arrives (on the engine's thread,
+    so it must be cheap) and ``compile`` on a worker thread while other requests
+    keep running; ``compile`` may be called from several threads at once.
+    """
 
     name: str = "unnamed"
+
+    def validate(self, spec_kind: str, spec: Any) -> None:
+        """Raise ValueError for a spec that cannot compile, before the request is queued.
+
+        Without it, a bad spec is only found by ``compile`` and the request ends
+        with finish_reason "abort" instead of being refused.
+        """
 
     @abstractmethod
     def compile(self, spec_kind: str, spec: Any) -> Grammar:
         """Compile one request's spec; raise ValueError for an invalid spec."""
 
-    @abstractmethod
-    def allocate_bitmask(self, num_rows: int) -> torch.Tensor:
-        """A bitmask tensor with room for ``num_rows`` requests."""
+    def fill_bitmasks(self, grammars: list[Grammar], bitmask: torch.Tensor,
+                      rows: list[int]) -> None:
+        """Fill ``bitmask[rows[i]]`` from ``grammars[i]``; override to batch or parallelize."""
+        for grammar, row in zip(grammars, rows):
+            grammar.fill_bitmask(bitmask, row)

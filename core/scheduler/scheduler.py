@@ -67,10 +67,9 @@ class Scheduler:
         return bool(self.running) or len(self.waiting) > 0
 
     def needs_every_token_on_host(self) -> bool:
-        """True if a running request's sampling depends on its latest tokens (penalties,
-        a grammar that must see each token before masking the next)."""
-        return any(r.grammar is not None or not _penalty_free(r.sampling_params)
-                   for r in self.running)
+        """True if a running request's sampling depends on its latest tokens on the host
+        before the step is launched (penalties)."""
+        return any(not _penalty_free(r.sampling_params) for r in self.running)
 
     @property
     def num_running(self) -> int:

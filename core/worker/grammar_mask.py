@@ -1,24 +1,66 @@
-"""Applying structured-output grammars to logits: any backend, any sampler."""
+"""Structured-output masks: filled on the CPU, unpacked and applied on the device.
+
+Works for any backend and any sampler: the logits of constrained rows are set
+to -inf wherever the row's grammar forbids the next token.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Callable
 
 import torch
 
+from kvloom.interfaces.structured_output import Grammar
 
-def apply_grammar_masks(logits: torch.Tensor, grammars: list[Any]) -> torch.Tensor:
-    """Set to -inf every logit a row's grammar does not allow next (rows without one pass).
+FillBitmasks = Callable[[list[Grammar], torch.Tensor, list[int]], None]
 
-    Grammars fill a packed int32 bitmask row (bit i of word w allows token 32 * w + i).
+
+def fill_one_by_one(grammars: list[Grammar], bitmask: torch.Tensor, rows: list[int]) -> None:
+    for grammar, row in zip(grammars, rows):
+        grammar.fill_bitmask(bitmask, row)
+
+
+class GrammarMasks:
+    """Packed int32 bitmasks (bit i of word w allows token 32 * w + i) in pinned memory.
+
+    Two host buffers alternate, so filling step N+1's masks never overwrites a
+    buffer whose copy to the device may still be pending.
     """
-    num_rows, vocab_size = logits.shape
-    num_words = (vocab_size + 31) // 32
-    bitmask = torch.full((num_rows, num_words), -1, dtype=torch.int32)
-    for row, grammar in enumerate(grammars):
-        if grammar is not None:
-            grammar.fill_bitmask(bitmask, row)
-    shifts = torch.arange(32, dtype=torch.int32)
-    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().reshape(num_rows, num_words * 32)
-    allowed = allowed[:, :vocab_size].to(logits.device, non_blocking=True)
-    return logits.masked_fill(~allowed, float("-inf"))
+
+    def __init__(self, max_num_rows: int, device: torch.device,
+                 fill_bitmasks: FillBitmasks = fill_one_by_one) -> None:
+        self.max_num_rows = max_num_rows
+        self.device = device
+        self.fill_bitmasks = fill_bitmasks
+        self.shifts = torch.arange(8, dtype=torch.uint8, device=device)
+        self.host_buffers: list[torch.Tensor] = []
+        self.next_buffer = 0
+
+    def apply(self, logits: torch.Tensor, grammars: list[Grammar | None]) -> torch.Tensor:
+        """Mask ``logits`` (one row per grammar; None rows pass) in place and return it."""
+        # A grammar that has terminated belongs to a request that finished while
+        # this step was in flight: its token is discarded, so it needs no mask.
+        rows = [row for row, grammar in enumerate(grammars)
+                if grammar is not None and not grammar.is_terminated()]
+        if not rows:
+            return logits
+        vocab_size = logits.shape[1]
+        bitmask = self._host_buffer(vocab_size)[:len(rows)]
+        self.fill_bitmasks([grammars[row] for row in rows], bitmask, list(range(len(rows))))
+        # Unpacked a byte at a time (little-endian: byte b of word w holds tokens
+        # 32w + 8b .. 32w + 8b + 7), so the widest temporary is one byte per token.
+        packed = bitmask.to(self.device, non_blocking=True).view(torch.uint8)
+        allowed = ((packed.unsqueeze(-1) >> self.shifts) & 1).bool().flatten(1)[:, :vocab_size]
+        index = torch.tensor(rows, dtype=torch.int64).to(self.device, non_blocking=True)
+        logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+        return logits
+
+    def _host_buffer(self, vocab_size: int) -> torch.Tensor:
+        num_words = (vocab_size + 31) // 32
+        if not self.host_buffers or self.host_buffers[0].shape[1] != num_words:
+            pin = self.device.type == "cuda"
+            self.host_buffers = [torch.empty((self.max_num_rows, num_words), dtype=torch.int32,
+                                             pin_memory=pin) for _ in range(2)]
+        buffer = self.host_buffers[self.next_buffer]
+        self.next_buffer ^= 1
+        return buffer

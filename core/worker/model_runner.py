@@ -11,7 +11,7 @@ from kvloom.interfaces.sampler import Sampler
 from kvloom.sampling_params import SamplingParams
 from kvloom.scheduler.output import ScheduledRequest, SchedulerOutput
 from kvloom.worker.cuda_graphs import CudaGraphDecoder
-from kvloom.worker.grammar_mask import apply_grammar_masks
+from kvloom.worker.grammar_mask import FillBitmasks, GrammarMasks, fill_one_by_one
 from kvloom.worker.input_batch import InputBuffers, ModelInputs
 from kvloom.worker.runner_output import ModelRunnerOutput, PendingRunnerOutput
 from kvloom.worker.sampling import SampledTokenStore, SamplingState
@@ -24,7 +24,7 @@ class ModelRunner:
 
     def __init__(self, model: torch.nn.Module, attention_backend: AttentionBackend,
                  sampler: Sampler, buffers: InputBuffers, block_size: int,
-                 device: torch.device) -> None:
+                 device: torch.device, fill_bitmasks: FillBitmasks = fill_one_by_one) -> None:
         self.model = model
         self.attention_backend = attention_backend
         self.sampler = sampler
@@ -35,6 +35,7 @@ class ModelRunner:
         self.sampling_state = SamplingState(device)
         self.sampled_tokens = SampledTokenStore(buffers.max_num_seqs, device)
         self.cuda_graphs: CudaGraphDecoder | None = None
+        self.grammar_masks = GrammarMasks(buffers.max_num_seqs, device, fill_bitmasks)
 
     def initialize_kv_caches(self, kv_caches: list[torch.Tensor]) -> None:
         self.kv_caches = kv_caches
@@ -55,6 +56,8 @@ class ModelRunner:
 
         The next step may be launched before ``result()`` is called: tokens it
         needs from this one (placeholders) are taken from the device directly.
+        With structured-output rows, sampling waits for ``sample()`` (see
+        PendingRunnerOutput), called once the grammars have seen every earlier token.
         """
         self.sampling_state.forget(scheduler_output.finished_request_ids)
         scheduled = scheduler_output.scheduled
@@ -66,7 +69,13 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden_states[inputs.logits_indices]).float()
         rows = [scheduled[row] for row in inputs.sampled_rows]
         if any(row.grammar is not None for row in rows):
-            logits = apply_grammar_masks(logits, [row.grammar for row in rows])
+            return PendingRunnerOutput(deferred_sample=lambda: self._sample(rows, logits))
+        return self._sample(rows, logits)
+
+    @torch.inference_mode()
+    def _sample(self, rows: list[ScheduledRequest], logits: torch.Tensor) -> PendingRunnerOutput:
+        if any(row.grammar is not None for row in rows):
+            logits = self.grammar_masks.apply(logits, [row.grammar for row in rows])
         output = self.sampler.sample(logits, self.sampling_state.metadata_for(rows))
         return self.sampled_tokens.record(rows, output)
 

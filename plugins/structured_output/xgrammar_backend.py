@@ -2,13 +2,16 @@
 
 Compiles a request's spec into an XGrammar matcher that follows the generated tokens and
 fills a packed int32 bitmask row of allowed next tokens. Compiled grammars are cached by
-spec, so repeated schemas compile once per engine.
+spec, so repeated schemas compile once per engine; a step's rows are filled together by
+XGrammar's multi-threaded batch matcher.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import threading
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -18,6 +21,7 @@ from kvloom.interfaces.structured_output import Grammar, StructuredOutputBackend
 
 SPEC_KINDS = ("json", "json_object", "regex", "choice", "grammar")
 MAX_JSON_WHITESPACE = 2   # bounds runaway whitespace between JSON tokens
+BATCH_FILL_MIN_ROWS = 8   # below this, starting the batch matcher's threads costs more
 
 
 @hookimpl
@@ -68,19 +72,34 @@ class XGrammarBackend(StructuredOutputBackend):
         self.compiler = xgrammar.GrammarCompiler(info, cache_enabled=True)
         self.tokenizer = tokenizer
         self._no_control_chars: torch.Tensor | None = None
+        self._no_control_chars_lock = threading.Lock()  # compile runs on several threads
+        self._batch_matcher: Any = None
+
+    def validate(self, spec_kind: str, spec: Any) -> None:
+        """Parse the spec into a grammar without the (slow) vocabulary pass."""
+        with _as_value_error(spec_kind):
+            self._parse(spec_kind, spec)
 
     def compile(self, spec_kind: str, spec: Any) -> Grammar:
         """Raises ValueError naming the spec kind for anything invalid or unsupported."""
-        try:
+        with _as_value_error(spec_kind):
             compiled = self._compile(spec_kind, spec)
-        except ValueError:
-            raise
-        except Exception as exc:  # xgrammar's parse errors come in several types
-            raise ValueError(f"invalid {spec_kind} for structured output: "
-                             f"{str(exc).splitlines()[0][:300]}") from None
         matcher = self.xgrammar.GrammarMatcher(compiled)
         permitted = self._tokens_without_control_chars() if spec_kind.startswith("json") else None
         return XGrammarGrammar(matcher, permitted)
+
+    def fill_bitmasks(self, grammars: list[Grammar], bitmask: torch.Tensor,
+                      rows: list[int]) -> None:
+        if len(grammars) < BATCH_FILL_MIN_ROWS:
+            super().fill_bitmasks(grammars, bitmask, rows)
+            return
+        if self._batch_matcher is None:
+            self._batch_matcher = self.xgrammar.BatchGrammarMatcher()
+        self._batch_matcher.batch_fill_next_token_bitmask(
+            [grammar.matcher for grammar in grammars], bitmask, rows)
+        for grammar, row in zip(grammars, rows):
+            if grammar.permitted is not None:
+                bitmask[row] &= grammar.permitted
 
     def allocate_bitmask(self, num_rows: int) -> torch.Tensor:
         return self.xgrammar.allocate_token_bitmask(num_rows, self.vocab_size)
@@ -93,33 +112,78 @@ class XGrammarBackend(StructuredOutputBackend):
         output parseable (whitespace between JSON tokens is then spaces only).
         Built once per backend, on the first JSON request.
         """
-        if self._no_control_chars is None:
-            ids = range(self.vocab_size)
-            texts = self.tokenizer.batch_decode([[i] for i in ids])
-            bad = {i for i, text in zip(ids, texts)
-                   if any(ord(char) < 0x20 for char in text)}
-            row = self.allocate_bitmask(1)[0]
-            for token_id in bad:
-                word, bit = divmod(token_id, 32)
-                row[word] &= ~(1 << bit) if bit < 31 else 0x7FFFFFFF
-            self._no_control_chars = row
+        with self._no_control_chars_lock:
+            if self._no_control_chars is None:
+                self._no_control_chars = self._build_no_control_chars()
         return self._no_control_chars
+
+    def _build_no_control_chars(self) -> torch.Tensor:
+        ids = range(self.vocab_size)
+        texts = self.tokenizer.batch_decode([[i] for i in ids])
+        bad = {i for i, text in zip(ids, texts)
+               if any(ord(char) < 0x20 for char in text)}
+        row = self.allocate_bitmask(1)[0]
+        for token_id in bad:
+            word, bit = divmod(token_id, 32)
+            row[word] &= ~(1 << bit) if bit < 31 else 0x7FFFFFFF
+        return row
 
     def _compile(self, spec_kind: str, spec: Any):
         compiler = self.compiler
         if spec_kind == "json":
-            schema = spec if isinstance(spec, str) else json.dumps(spec)
-            return compiler.compile_json_schema(schema, any_whitespace=True,
+            return compiler.compile_json_schema(_schema_text(spec), any_whitespace=True,
                                                 max_whitespace_cnt=MAX_JSON_WHITESPACE)
         if spec_kind == "json_object":
             return compiler.compile_builtin_json_grammar()
-        if spec_kind == "regex":
-            return compiler.compile_regex(spec)
-        if spec_kind == "choice":
-            if not spec or not all(isinstance(choice, str) for choice in spec):
-                raise ValueError("choice must be a non-empty list of strings")
-            return compiler.compile_regex("|".join(re.escape(choice) for choice in spec))
+        if spec_kind in ("regex", "choice"):
+            return compiler.compile_regex(_regex_for(spec_kind, spec))
         if spec_kind == "grammar":
             return compiler.compile_grammar(spec)
-        raise ValueError(f"unknown structured-output kind {spec_kind!r}; "
-                         f"expected one of {', '.join(SPEC_KINDS)}")
+        raise _unknown_kind(spec_kind)
+
+    def _parse(self, spec_kind: str, spec: Any) -> None:
+        grammar = self.xgrammar.Grammar
+        if spec_kind == "json":
+            grammar.from_json_schema(_schema_text(spec), any_whitespace=True,
+                                     max_whitespace_cnt=MAX_JSON_WHITESPACE)
+        elif spec_kind in ("regex", "choice"):
+            grammar.from_regex(_regex_for(spec_kind, spec))
+        elif spec_kind == "grammar":
+            grammar.from_ebnf(spec)
+        elif spec_kind != "json_object":
+            raise _unknown_kind(spec_kind)
+
+
+def _schema_text(spec: Any) -> str:
+    return spec if isinstance(spec, str) else json.dumps(spec)
+
+
+def _regex_for(spec_kind: str, spec: Any) -> str:
+    if spec_kind == "regex":
+        return spec
+    if not spec or not all(isinstance(choice, str) for choice in spec):
+        raise ValueError("choice must be a non-empty list of strings")
+    return "|".join(re.escape(choice) for choice in spec)
+
+
+def _unknown_kind(spec_kind: str) -> ValueError:
+    return ValueError(f"unknown structured-output kind {spec_kind!r}; "
+                      f"expected one of {', '.join(SPEC_KINDS)}")
+
+
+@contextmanager
+def _as_value_error(spec_kind: str):
+    """XGrammar's parse errors come in several types; callers get one ValueError."""
+    try:
+        yield
+    except ValueError as exc:
+        if type(exc) is ValueError:  # ours, already worded for the user
+            raise
+        raise _invalid(spec_kind, exc) from None
+    except Exception as exc:
+        raise _invalid(spec_kind, exc) from None
+
+
+def _invalid(spec_kind: str, exc: Exception) -> ValueError:
+    return ValueError(f"invalid {spec_kind} for structured output: "
+                      f"{str(exc).splitlines()[0][:300]}")

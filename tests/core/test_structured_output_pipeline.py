@@ -1,0 +1,184 @@
+"""How constrained requests move through the engine: compiled on worker threads without
+stalling others, masks applied on the device, async scheduling kept on."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import torch
+
+pytest.importorskip("xgrammar")
+
+from kvloom import Engine, SamplingParams, StructuredOutputsParams, hookimpl  # noqa: E402
+from kvloom import make_plugin_manager  # noqa: E402
+from kvloom.worker.grammar_mask import GrammarMasks  # noqa: E402
+
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["n", "tag"],
+          "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99},
+                         "tag": {"enum": ["a", "bb", "ccc"]}}}
+
+
+class GatedBackendPlugin:
+    """The xgrammar backend, but compile() waits for a gate (a slow schema, on demand)."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.compile_started = threading.Event()
+        self.fail_compile = False
+
+    @hookimpl
+    def register_structured_output_backends(self, register):
+        from kvloom.plugins.structured_output.xgrammar_backend import XGrammarBackend
+
+        plugin = self
+
+        class GatedBackend(XGrammarBackend):
+            def compile(self, spec_kind, spec):
+                plugin.compile_started.set()
+                assert plugin.gate.wait(30), "test gate never opened"
+                if plugin.fail_compile:
+                    raise RuntimeError("out of memory while compiling")
+                return super().compile(spec_kind, spec)
+
+        register("gated", GatedBackend)
+
+
+def make_engine(tiny_qwen2, plugin=None, **overrides):
+    config = {"model": str(tiny_qwen2), "dtype": "float32", **overrides}
+    manager = None
+    if plugin is not None:
+        config["structured_output"] = "gated"
+        manager = make_plugin_manager(extra_plugins={"gated": plugin})
+    return Engine.from_config(config, plugin_manager=manager)
+
+
+def constrained(max_tokens=60, **spec):
+    return SamplingParams(temperature=0, max_tokens=max_tokens,
+                          structured_outputs=StructuredOutputsParams(**spec))
+
+
+def run_until_finished(engine, request_ids, max_steps=500):
+    finished = {}
+    for _ in range(max_steps):
+        for output in engine.step():
+            if output.finished:
+                finished[output.request_id] = output
+        if set(request_ids) <= set(finished):
+            return finished
+    raise AssertionError(f"not finished after {max_steps} steps: {set(request_ids) - set(finished)}")
+
+
+def test_a_compiling_grammar_does_not_stall_other_requests(tiny_qwen2):
+    plugin = GatedBackendPlugin()
+    engine = make_engine(tiny_qwen2, plugin)
+    engine.add_request("json", "Data:", constrained(json=SCHEMA))
+    engine.add_request("plain", "Hello", SamplingParams(temperature=0, max_tokens=6))
+    assert plugin.compile_started.wait(10)
+    plain = run_until_finished(engine, ["plain"])["plain"]
+    assert len(plain.outputs[0].token_ids) == 6
+    assert engine.has_unfinished_requests() and engine.get_stats().num_waiting == 1
+    plugin.gate.set()
+    output = run_until_finished(engine, ["json"])["json"].outputs[0]
+    assert output.finish_reason == "stop"
+    assert json.loads(output.text)["tag"] in ("a", "bb", "ccc")
+    assert not engine.has_unfinished_requests()
+
+
+def test_invalid_spec_is_refused_at_add_request_without_compiling(tiny_qwen2):
+    plugin = GatedBackendPlugin()
+    engine = make_engine(tiny_qwen2, plugin)
+    with pytest.raises(ValueError, match="invalid json"):
+        engine.add_request("bad", "x", constrained(json='{"type": "nosuchtype"}'))
+    with pytest.raises(ValueError, match="invalid regex"):
+        engine.add_request("bad", "x", constrained(regex="(unclosed"))
+    with pytest.raises(ValueError, match="invalid grammar"):
+        engine.add_request("bad", "x", constrained(grammar="root ::= missing_rule"))
+    assert not plugin.compile_started.is_set()
+    assert not engine.has_unfinished_requests()
+
+
+def test_a_failed_compilation_aborts_only_its_request(tiny_qwen2):
+    plugin = GatedBackendPlugin()
+    plugin.fail_compile = True
+    engine = make_engine(tiny_qwen2, plugin)
+    engine.add_request("json", "Data:", constrained(json=SCHEMA))
+    engine.add_request("plain", "Hello", SamplingParams(temperature=0, max_tokens=4))
+    plugin.gate.set()
+    finished = run_until_finished(engine, ["json", "plain"])
+    assert finished["json"].outputs[0].finish_reason == "abort"
+    assert finished["json"].outputs[0].token_ids == []
+    assert len(finished["plain"].outputs[0].token_ids) == 4
+
+
+def test_abort_while_compiling_forgets_the_request(tiny_qwen2):
+    plugin = GatedBackendPlugin()
+    engine = make_engine(tiny_qwen2, plugin)
+    engine.add_request("json", "Data:", constrained(json=SCHEMA))
+    assert plugin.compile_started.wait(10)
+    engine.abort_request("json")
+    assert not engine.has_unfinished_requests()
+    plugin.gate.set()
+    assert engine.step() == []
+    engine.add_request("json", "Data:", constrained(json=SCHEMA))  # the id is free again
+    assert run_until_finished(engine, ["json"])["json"].outputs[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("max_num_seqs", [8, 2])  # 2: constrained requests get preempted
+def test_async_scheduling_with_grammars_matches_sync(tiny_qwen2, max_num_seqs):
+    prompts = [f"Item {i}" for i in range(6)]
+    params = [constrained(json=SCHEMA), constrained(regex=r"[a-z]{3}-[0-9]{2}( [a-z]{4}){8}"),
+              constrained(choice=["left", "right"]),
+              SamplingParams(temperature=1.0, seed=3, max_tokens=60,
+                             structured_outputs=StructuredOutputsParams(json=SCHEMA)),
+              SamplingParams(temperature=0, max_tokens=40),
+              SamplingParams(temperature=1.0, seed=5, max_tokens=40)]
+    results = []
+    for async_scheduling in (True, False):
+        engine = make_engine(tiny_qwen2, scheduler={"async_scheduling": async_scheduling,
+                                                    "max_num_seqs": max_num_seqs},
+                             cache={"num_gpu_blocks_override": 20, "block_size": 4}
+                             if max_num_seqs == 2 else {})
+        for index, (prompt, param) in enumerate(zip(prompts, params)):
+            engine.add_request(str(index), prompt, param)
+        engine.step()
+        engine.step()
+        # Async stays on with grammars running: a step is left in flight.
+        assert (engine.core.in_flight is not None) == async_scheduling
+        finished = run_until_finished(engine, [str(i) for i in range(len(prompts))])
+        results.append({rid: (o.outputs[0].token_ids, o.outputs[0].finish_reason)
+                        for rid, o in finished.items()})
+        assert (engine.get_stats().num_preemptions > 0) == (max_num_seqs == 2)
+    assert results[0] == results[1]
+    assert all(reason == "stop" for reason in
+               [results[0][str(i)][1] for i in range(4)])
+
+
+class FixedGrammar:
+    """Allows exactly the given token ids, whatever was generated."""
+
+    def __init__(self, allowed: list[int], terminated: bool = False) -> None:
+        self.allowed = allowed
+        self.terminated = terminated
+
+    def fill_bitmask(self, bitmask, row):
+        bitmask[row] = 0
+        for token in self.allowed:
+            word, bit = divmod(token, 32)
+            bitmask[row, word] |= torch.tensor(1 << bit, dtype=torch.int64).to(torch.int32)
+
+    def is_terminated(self):
+        return self.terminated
+
+
+def test_masks_unpack_every_bit_including_the_sign_bit_and_a_partial_word():
+    vocab_size = 70  # three words, the last one partly used
+    masks = GrammarMasks(max_num_rows=4, device=torch.device("cpu"))
+    logits = torch.zeros(4, vocab_size)
+    grammars = [FixedGrammar([0, 31, 63, 69]), None, FixedGrammar([5], terminated=True),
+                FixedGrammar([32, 64])]
+    masked = masks.apply(logits, grammars)
+    allowed = [torch.isfinite(masked[row]).nonzero().flatten().tolist() for row in range(4)]
+    assert allowed == [[0, 31, 63, 69], list(range(vocab_size)), list(range(vocab_size)),
+                       [32, 64]]
