@@ -21,6 +21,7 @@ from kvloom.interfaces.structured_output import Grammar, StructuredOutputBackend
 
 SPEC_KINDS = ("json", "json_object", "regex", "choice", "grammar")
 MAX_JSON_WHITESPACE = 2   # bounds runaway whitespace between JSON tokens
+ANY_JSON_OBJECT = '{"type": "object"}'
 BATCH_FILL_MIN_ROWS = 8   # below this, starting the batch matcher's threads costs more
 
 
@@ -133,8 +134,9 @@ class XGrammarBackend(StructuredOutputBackend):
         if spec_kind == "json":
             return compiler.compile_json_schema(_schema_text(spec), any_whitespace=True,
                                                 max_whitespace_cnt=MAX_JSON_WHITESPACE)
-        if spec_kind == "json_object":
-            return compiler.compile_builtin_json_grammar()
+        if spec_kind == "json_object":  # XGrammar's built-in JSON grammar also allows arrays
+            return compiler.compile_json_schema(ANY_JSON_OBJECT, any_whitespace=True,
+                                                max_whitespace_cnt=MAX_JSON_WHITESPACE)
         if spec_kind in ("regex", "choice"):
             return compiler.compile_regex(_regex_for(spec_kind, spec))
         if spec_kind == "grammar":
@@ -184,6 +186,11 @@ def _as_value_error(spec_kind: str):
         raise _invalid(spec_kind, exc) from None
 
 
+# XGrammar prefixes its errors with its C++ log location ("[07:44:50] /project/cpp/x.cc:83: ")
+# and sometimes an assertion ("Check failed: (error.empty()) is false: "); users need neither.
+_NATIVE_PREFIX = re.compile(r"^(\[[\d:]+\] )?(/\S+:\d+: )?(Check failed: .*? is false: ?)?")
+
+
 def _invalid(spec_kind: str, exc: Exception) -> ValueError:
-    return ValueError(f"invalid {spec_kind} for structured output: "
-                      f"{str(exc).splitlines()[0][:300]}")
+    reason = _NATIVE_PREFIX.sub("", str(exc).strip().splitlines()[0])[:300]
+    return ValueError(f"invalid {spec_kind} for structured output: {reason}")

@@ -8,9 +8,7 @@ import time
 from dataclasses import dataclass
 
 import pytest
-
-API_KEY = "test-key"
-MODEL_NAME = "tiny-qwen2"
+from server_settings import API_KEY, MODEL_NAME
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 
-from conftest import API_KEY, MODEL_NAME
+from server_settings import API_KEY, MODEL_NAME
 
 from kvloom.entrypoints.cli import build_parser
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import httpx
 
-from conftest import MODEL_NAME
+from server_settings import MODEL_NAME
 
 
 def test_model_exception_fails_requests_and_health(tiny_qwen2, server_factory):

@@ -128,3 +128,24 @@ def test_invalid_specs_are_value_errors(backend, kind, spec):
     with pytest.raises(ValueError) as error:
         backend.compile(kind, spec)
     assert "\n" not in str(error.value)
+
+
+def test_batched_bitmask_filling_matches_one_by_one(backend, tokenizer):
+    """Above BATCH_FILL_MIN_ROWS the batch matcher fills rows on its threads; each row
+    (control characters masked out for JSON) must equal the row's own fill."""
+    from kvloom.plugins.structured_output.xgrammar_backend import BATCH_FILL_MIN_ROWS
+
+    specs = [("json", {"type": "object", "properties": {"a": {"type": "string"}}}),
+             ("regex", r"[a-z]+ [0-9]{2}"), ("choice", ["yes", "no"]), ("json_object", True)]
+    grammars = [backend.compile(*specs[i % len(specs)]) for i in range(BATCH_FILL_MIN_ROWS + 2)]
+    for grammar, text in zip(grammars, ['{"a": "x', "ab", "y", "{", '{"a"', "abc 1"]):
+        assert grammar.accept_tokens(tokenizer.encode(text))
+    rows = [2 * i + 1 for i in range(len(grammars))]  # scattered rows, gaps untouched
+    batched = backend.allocate_bitmask(2 * len(grammars) + 1)
+    batched.fill_(7)
+    backend.fill_bitmasks(grammars, batched, rows)
+    single = backend.allocate_bitmask(1)
+    for grammar, row in zip(grammars, rows):
+        grammar.fill_bitmask(single, 0)
+        assert torch.equal(batched[row], single[0])
+    assert (batched[0::2] == 7).all()

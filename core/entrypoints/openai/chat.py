@@ -16,6 +16,7 @@ from kvloom.entrypoints.openai.state import ServerState
 from kvloom.entrypoints.openai.streaming import (EventStreamResponse,
                                                  collect_unless_disconnected, events,
                                                  prefixed, start)
+from kvloom.entrypoints.openai.structured import spec_path
 from kvloom.entrypoints.openai.validation import (check_length, check_model,
                                                   check_stream_fields, sampling_params)
 from kvloom.outputs import PositionLogprobs
@@ -46,7 +47,8 @@ async def serve_chat(state: ServerState, body: p.ChatCompletionRequest,
     check_length(state, len(token_ids), params, "messages", max_tokens_param)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
-    first, generator = await start(state, {"prompt_token_ids": token_ids}, params, request_id)
+    first, generator = await start(state, {"prompt_token_ids": token_ids}, params, request_id,
+                                   spec_path(body))
     accumulator = Accumulator(params.n)
 
     def logprobs_of(entries: list) -> p.ChatLogprobs | None:

@@ -17,6 +17,7 @@ from kvloom.entrypoints.openai.prompts import completion_prompt
 from kvloom.entrypoints.openai.state import ServerState
 from kvloom.entrypoints.openai.streaming import (EventStreamResponse,
                                                  collect_unless_disconnected, events, start)
+from kvloom.entrypoints.openai.structured import spec_path
 from kvloom.entrypoints.openai.validation import (check_length, check_model,
                                                   check_stream_fields, sampling_params)
 from kvloom.outputs import PositionLogprobs
@@ -41,7 +42,7 @@ async def serve_completion(state: ServerState, body: p.CompletionRequest,
     if body.echo:
         echo_text = text if text is not None else await asyncio.to_thread(
             state.tokenizer.decode, token_ids)
-    first, generator = await start(state, prompt, params, request_id)
+    first, generator = await start(state, prompt, params, request_id, spec_path(body))
     accumulator = Accumulator(params.n)
 
     def choice(index: int, text: str, logprobs: list, finish: str | None,

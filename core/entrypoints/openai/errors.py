@@ -56,8 +56,13 @@ def error_response(status: int, message: str, param: str | None = None,
                         headers=headers)
 
 
+# Native libraries' log prefixes (XGrammar's "[07:44:50] /project/cpp/x.cc:83: ") would
+# put source paths into messages that reach clients.
+_SOURCE_LOCATION = re.compile(r"(\[\d{2}:\d{2}:\d{2}\] )?/[^\s:]+:\d+: ")
+
+
 def _clip(message: str) -> str:
-    message = " ".join(str(message).split())
+    message = _SOURCE_LOCATION.sub("", " ".join(str(message).split()))
     return message if len(message) <= MAX_MESSAGE_CHARS else message[:MAX_MESSAGE_CHARS] + "..."
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, Strict
+from pydantic import BaseModel, ConfigDict, Field, Strict, model_validator
 
 Int = Annotated[int, Strict()]
 Float = Annotated[float, Strict()]
@@ -25,6 +25,50 @@ class OpenAIModel(BaseModel):
 class StreamOptions(OpenAIModel):
     include_usage: Bool = False
     continuous_usage_stats: Bool = False
+
+
+class JsonSchemaFormat(OpenAIModel):
+    """OpenAI's ``response_format.json_schema``; ``name`` and ``strict`` change nothing
+    (the schema is always enforced)."""
+
+    name: Str | None = None
+    description: Str | None = None
+    # Aliased: a field named "schema" would shadow BaseModel.schema.
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: Bool | None = None
+
+
+class ResponseFormat(OpenAIModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+STRUCTURED_OUTPUTS_KEYS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+class StructuredOutputsRequest(BaseModel):
+    """vLLM's ``structured_outputs`` extra-body field; set exactly one key.
+
+    Unknown keys are an error rather than ignored (unlike the request's other fields):
+    a misspelt constraint would otherwise silently produce unconstrained output.
+    """
+
+    # Aliased: a field named "json" would shadow BaseModel.json.
+    json_: dict[str, Any] | Str | None = Field(default=None, alias="json")
+    regex: Str | None = None
+    choice: list[Str] | None = Field(default=None, min_length=1)
+    grammar: Str | None = None
+    json_object: Bool | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_unknown_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            unknown = sorted(set(data) - set(STRUCTURED_OUTPUTS_KEYS))
+            if unknown:
+                raise ValueError(f"unknown key(s) {', '.join(map(repr, unknown))}; expected "
+                                 f"one of {', '.join(STRUCTURED_OUTPUTS_KEYS)}")
+        return data
 
 
 class SamplingFields(OpenAIModel):
@@ -50,6 +94,8 @@ class SamplingFields(OpenAIModel):
     stream: Bool = False
     stream_options: StreamOptions | None = None
     user: Str | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsRequest | None = None
 
 
 # A prompt: text, a list of one text, token ids, or a list of one token-id list.

@@ -24,22 +24,35 @@ from kvloom.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 
-async def start(state: ServerState, prompt: dict, params: SamplingParams,
-                request_id: str) -> tuple[RequestOutput, AsyncIterator[RequestOutput]]:
-    """Submit and wait for the first output, so input errors still become 4xx."""
+async def start(state: ServerState, prompt: dict, params: SamplingParams, request_id: str,
+                spec_path: str | None = None
+                ) -> tuple[RequestOutput, AsyncIterator[RequestOutput]]:
+    """Submit and wait for the first output, so input errors still become 4xx.
+
+    ``spec_path`` names the request field holding a structured-output spec, so the
+    engine refusing the spec (checked at admission) becomes a 400 naming it.
+    """
     generator = state.engine.generate(prompt, params, request_id)
     try:
         first = await generator.__anext__()
     except StopAsyncIteration:
         raise APIError(500, "the request produced no output") from None
     except ValueError as exc:
-        raise APIError(400, str(exc), param=param_of_value_error(str(exc), "prompt")) from None
+        raise _admission_error(str(exc), spec_path) from None
     except EngineOverloadedError as exc:
         raise APIError(503, str(exc), err_type="overloaded",
                        headers={"Retry-After": str(max(1, round(exc.retry_after)))}) from None
     except EngineDeadError as exc:
         raise APIError(503, str(exc)) from None
     return first, generator
+
+
+def _admission_error(message: str, spec_path: str | None) -> APIError:
+    param = param_of_value_error(message)
+    if param is None and spec_path is not None:
+        # The server checked everything else already; what is left is the spec.
+        return APIError(400, f"{spec_path}: {message}", param=spec_path.split(".")[0])
+    return APIError(400, message, param=param or "prompt")
 
 
 def _stream_error(exc: BaseException) -> dict:

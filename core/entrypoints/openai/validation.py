@@ -8,6 +8,7 @@ from typing import Any
 from kvloom.entrypoints.openai import protocol as p
 from kvloom.entrypoints.openai.errors import APIError, param_of_value_error
 from kvloom.entrypoints.openai.state import ServerState
+from kvloom.entrypoints.openai.structured import structured_outputs_from_request
 from kvloom.sampling_params import RequestOutputKind, SamplingParams
 
 
@@ -47,6 +48,7 @@ def sampling_params(body: p.SamplingFields, max_tokens: int | None,
     values = {name: getattr(body, name) for name in (
         "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
         "repetition_penalty") if getattr(body, name) is not None}
+    structured_outputs = structured_outputs_from_request(body)
     try:
         params = SamplingParams(
             n=body.n, max_tokens=max_tokens, seed=body.seed, stop=body.stop,
@@ -54,7 +56,8 @@ def sampling_params(body: p.SamplingFields, max_tokens: int | None,
             min_tokens=body.min_tokens, logprobs=logprobs,
             skip_special_tokens=body.skip_special_tokens,
             include_stop_str_in_output=body.include_stop_str_in_output,
-            output_kind=RequestOutputKind.DELTA, **values)
+            output_kind=RequestOutputKind.DELTA, structured_outputs=structured_outputs,
+            **values)
     except ValueError as exc:
         raise APIError(400, str(exc), param=param_of_value_error(str(exc))) from None
     if params.n > 1 and params.is_greedy:
