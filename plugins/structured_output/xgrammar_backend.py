@@ -18,6 +18,7 @@ import torch
 
 from kvloom.hookspecs import hookimpl
 from kvloom.interfaces.structured_output import Grammar, StructuredOutputBackend
+from kvloom.plugins.structured_output.json_schema_features import unenforced_features
 
 SPEC_KINDS = ("json", "json_object", "regex", "choice", "grammar")
 MAX_JSON_WHITESPACE = 2   # bounds runaway whitespace between JSON tokens
@@ -98,9 +99,9 @@ class XGrammarBackend(StructuredOutputBackend):
             self._batch_matcher = self.xgrammar.BatchGrammarMatcher()
         self._batch_matcher.batch_fill_next_token_bitmask(
             [grammar.matcher for grammar in grammars], bitmask, rows)
-        for grammar, row in zip(grammars, rows):
-            if grammar.permitted is not None:
-                bitmask[row] &= grammar.permitted
+        json_rows = [row for grammar, row in zip(grammars, rows) if grammar.permitted is not None]
+        if json_rows:  # every JSON grammar shares the one control-character mask
+            bitmask[json_rows] &= self._tokens_without_control_chars()
 
     def allocate_bitmask(self, num_rows: int) -> torch.Tensor:
         return self.xgrammar.allocate_token_bitmask(num_rows, self.vocab_size)
@@ -157,6 +158,15 @@ class XGrammarBackend(StructuredOutputBackend):
 
 
 def _schema_text(spec: Any) -> str:
+    """The schema as text, refused if it uses a keyword XGrammar would not enforce."""
+    try:
+        schema = json.loads(spec) if isinstance(spec, str) else spec
+    except json.JSONDecodeError:
+        return spec  # XGrammar's parser says what is wrong with it
+    unenforced = unenforced_features(schema)
+    if unenforced:
+        raise ValueError(f"the json schema uses features the xgrammar backend cannot "
+                         f"enforce: {'; '.join(unenforced[:5])}")
     return spec if isinstance(spec, str) else json.dumps(spec)
 
 

@@ -114,6 +114,10 @@ INVALID = [
     pytest.param({"response_format": {"type": "json_schema", "json_schema": {
         "name": "bad", "schema": {"type": "nosuchtype"}}}},
         ["response_format.json_schema.schema", "nosuchtype"], id="schema-the-engine-refuses"),
+    pytest.param({"response_format": {"type": "json_schema", "json_schema": {
+        "name": "ids", "schema": {"type": "array", "uniqueItems": True}}}},
+        ["response_format.json_schema.schema", "cannot enforce", "uniqueItems"],
+        id="unenforceable-schema"),
     pytest.param({"structured_outputs": {"regex": "(unclosed"}},
                  ["structured_outputs.regex", "parenthesis"], id="bad-regex"),
     pytest.param({"structured_outputs": {"grammar": 'rule ::= "a"'}},

@@ -149,3 +149,27 @@ def test_batched_bitmask_filling_matches_one_by_one(backend, tokenizer):
         grammar.fill_bitmask(single, 0)
         assert torch.equal(batched[row], single[0])
     assert (batched[0::2] == 7).all()
+
+
+@pytest.mark.parametrize("schema,named", [
+    ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, "uniqueItems at $"),
+    ({"type": "object", "properties": {"not": {"not": {"type": "null"}}}},
+     "not at $.properties.not"),
+    ({"type": "array", "contains": {"const": 1}}, "contains at $"),
+    ({"if": {"type": "string"}, "then": {"maxLength": 2}}, "if at $"),
+    ({"allOf": [{"type": "object"}, {"required": ["a"]}]}, "allOf with several subschemas"),
+    ({"$defs": {"code": {"type": "string", "pattern": "^[a-z]+$", "maxLength": 3}},
+      "$ref": "#/$defs/code"}, "pattern or format at $.$defs.code"),
+    ('{"type": "array", "uniqueItems": true}', "uniqueItems at $"),
+])
+def test_schemas_with_unenforced_features_are_refused(backend, schema, named):
+    with pytest.raises(ValueError, match="cannot enforce") as error:
+        backend.validate("json", schema)
+    assert named in str(error.value)
+
+
+def test_property_names_that_look_like_keywords_are_fine(backend):
+    schema = {"type": "object", "properties": {"if": {"type": "boolean"},
+                                               "contains": {"type": "integer"}},
+              "uniqueItems": False}
+    backend.validate("json", schema)
