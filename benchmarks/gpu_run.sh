@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One GPU session: install, GPU tests, kernel benchmark, latency, throughput (with HF).
 # Usage on the device machine (carry .whl):  bash benchmarks/gpu_run.sh [MODEL ...]
+# The structured step needs a tokenizer directory (carry .bench-tokenizer: SmolLM2's
+# tokenizer.json + tokenizer_config.json).
 # Results and logs go to $OUT (or ./gpu-out).
 set -u
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
@@ -28,5 +30,6 @@ for model in $MODELS; do
     [[ $STEPS == *latency* ]] && step "latency_$model" 300 python3 benchmarks/latency.py --model "$model" --json "$OUT/latency_$model.json"
     [[ $STEPS == *profile* ]] && step "profile_$model" 240 python3 benchmarks/profile_step.py --model "$model" --batch 1 256 --steps 20
     [[ $STEPS == *serve* ]] && step "serve_$model" 400 python3 benchmarks/serve.py --model "$model" --json "$OUT/serve_$model.json"
+    [[ $STEPS == *structured* ]] && step "structured_$model" 500 python3 benchmarks/structured_output.py --model "$model" --tokenizer "${TOKENIZER:-.bench-tokenizer}" ${STRUCTURED_ARGS:-} --json "$OUT/structured_$model.json"
     [[ $STEPS == *throughput* ]] && step "throughput_$model" 560 python3 benchmarks/throughput.py --model "$model" ${THROUGHPUT_ARGS:-} --json "$OUT/throughput_$model.json"
 done
