@@ -9,6 +9,7 @@ XGrammar's multi-threaded batch matcher.
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 from contextlib import contextmanager
@@ -96,7 +97,7 @@ class XGrammarBackend(StructuredOutputBackend):
             super().fill_bitmasks(grammars, bitmask, rows)
             return
         if self._batch_matcher is None:
-            self._batch_matcher = self.xgrammar.BatchGrammarMatcher()
+            self._batch_matcher = self.xgrammar.BatchGrammarMatcher(max_threads=_fill_threads())
         self._batch_matcher.batch_fill_next_token_bitmask(
             [grammar.matcher for grammar in grammars], bitmask, rows)
         json_rows = [row for grammar, row in zip(grammars, rows) if grammar.permitted is not None]
@@ -155,6 +156,13 @@ class XGrammarBackend(StructuredOutputBackend):
             grammar.from_ebnf(spec)
         elif spec_kind != "json_object":
             raise _unknown_kind(spec_kind)
+
+
+def _fill_threads() -> int:
+    """Half the CPUs this process may use, at most 8: the engine loop, the compile
+    threads and the tokenizer need the rest. (XGrammar's own "auto" counts the host's
+    hardware threads, which in a container can be far more than it may use.)"""
+    return max(1, min(8, len(os.sched_getaffinity(0)) // 2))
 
 
 def _schema_text(spec: Any) -> str:
