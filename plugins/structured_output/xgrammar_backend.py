@@ -33,11 +33,10 @@ def register_structured_output_backends(register):
 
 
 class XGrammarGrammar(Grammar):
-    """One request's matcher, optionally narrowed by a fixed mask of permitted tokens."""
+    """One request's matcher."""
 
-    def __init__(self, matcher: Any, permitted: torch.Tensor | None = None) -> None:
+    def __init__(self, matcher: Any) -> None:
         self.matcher = matcher
-        self.permitted = permitted
 
     def accept_tokens(self, token_ids: list[int]) -> bool:
         accepted = 0
@@ -54,15 +53,20 @@ class XGrammarGrammar(Grammar):
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
         self.matcher.fill_next_token_bitmask(bitmask, row)
-        if self.permitted is not None:
-            bitmask[row] &= self.permitted
 
     def is_terminated(self) -> bool:
         return self.matcher.is_terminated()
 
 
 class XGrammarBackend(StructuredOutputBackend):
-    """Compiles specs for one tokenizer and vocabulary size (the model's, padding included)."""
+    """Compiles specs for one tokenizer and vocabulary size (the model's, padding included).
+
+    JSON specs compile against a copy of the vocabulary without the tokens that hold a
+    raw control character (U+0000-U+001F): XGrammar lets some into strings (those with
+    maxLength), which strict JSON forbids. Blanked tokens count as special, so no JSON
+    grammar ever allows them (whitespace between JSON tokens is then spaces only) and no
+    per-step mask arithmetic is needed.
+    """
 
     name = "xgrammar"
 
@@ -71,11 +75,11 @@ class XGrammarBackend(StructuredOutputBackend):
 
         self.xgrammar = xgrammar
         self.vocab_size = vocab_size
-        info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
-        self.compiler = xgrammar.GrammarCompiler(info, cache_enabled=True)
-        self.tokenizer = tokenizer
-        self._no_control_chars: torch.Tensor | None = None
-        self._no_control_chars_lock = threading.Lock()  # compile runs on several threads
+        self.tokenizer_info = xgrammar.TokenizerInfo.from_huggingface(tokenizer,
+                                                                      vocab_size=vocab_size)
+        self.compiler = xgrammar.GrammarCompiler(self.tokenizer_info, cache_enabled=True)
+        self._json_compiler: Any = None
+        self._json_compiler_lock = threading.Lock()  # compile runs on several threads
         self._batch_matcher: Any = None
 
     def validate(self, spec_kind: str, spec: Any) -> None:
@@ -87,9 +91,7 @@ class XGrammarBackend(StructuredOutputBackend):
         """Raises ValueError naming the spec kind for anything invalid or unsupported."""
         with _as_value_error(spec_kind):
             compiled = self._compile(spec_kind, spec)
-        matcher = self.xgrammar.GrammarMatcher(compiled)
-        permitted = self._tokens_without_control_chars() if spec_kind.startswith("json") else None
-        return XGrammarGrammar(matcher, permitted)
+        return XGrammarGrammar(self.xgrammar.GrammarMatcher(compiled))
 
     def fill_bitmasks(self, grammars: list[Grammar], bitmask: torch.Tensor,
                       rows: list[int]) -> None:
@@ -100,49 +102,36 @@ class XGrammarBackend(StructuredOutputBackend):
             self._batch_matcher = self.xgrammar.BatchGrammarMatcher(max_threads=_fill_threads())
         self._batch_matcher.batch_fill_next_token_bitmask(
             [grammar.matcher for grammar in grammars], bitmask, rows)
-        json_rows = [row for grammar, row in zip(grammars, rows) if grammar.permitted is not None]
-        if json_rows:  # every JSON grammar shares the one control-character mask
-            bitmask[json_rows] &= self._tokens_without_control_chars()
 
     def allocate_bitmask(self, num_rows: int) -> torch.Tensor:
         return self.xgrammar.allocate_token_bitmask(num_rows, self.vocab_size)
 
-    def _tokens_without_control_chars(self) -> torch.Tensor:
-        """Bitmask row of the tokens whose text has no control character.
+    @property
+    def json_compiler(self) -> Any:
+        with self._json_compiler_lock:
+            if self._json_compiler is None:
+                self._json_compiler = self._compiler_without_control_chars()
+        return self._json_compiler
 
-        XGrammar's JSON grammar lets raw control characters (U+0000-U+001F) into strings,
-        which strict JSON forbids; masking those tokens out for JSON specs keeps every
-        output parseable (whitespace between JSON tokens is then spaces only).
-        Built once per backend, on the first JSON request.
-        """
-        with self._no_control_chars_lock:
-            if self._no_control_chars is None:
-                self._no_control_chars = self._build_no_control_chars()
-        return self._no_control_chars
-
-    def _build_no_control_chars(self) -> torch.Tensor:
-        ids = range(self.vocab_size)
-        texts = self.tokenizer.batch_decode([[i] for i in ids])
-        bad = {i for i, text in zip(ids, texts)
-               if any(ord(char) < 0x20 for char in text)}
-        row = self.allocate_bitmask(1)[0]
-        for token_id in bad:
-            word, bit = divmod(token_id, 32)
-            row[word] &= ~(1 << bit) if bit < 31 else 0x7FFFFFFF
-        return row
+    def _compiler_without_control_chars(self) -> Any:
+        info = self.tokenizer_info
+        vocab = [b"" if any(byte < 0x20 for byte in bytes(token)) else bytes(token)
+                 for token in info.decoded_vocab]
+        json_info = self.xgrammar.TokenizerInfo(
+            vocab, self.xgrammar.VocabType.RAW, vocab_size=self.vocab_size,
+            stop_token_ids=info.stop_token_ids, add_prefix_space=info.add_prefix_space)
+        return self.xgrammar.GrammarCompiler(json_info, cache_enabled=True)
 
     def _compile(self, spec_kind: str, spec: Any):
-        compiler = self.compiler
-        if spec_kind == "json":
-            return compiler.compile_json_schema(_schema_text(spec), any_whitespace=True,
-                                                max_whitespace_cnt=MAX_JSON_WHITESPACE)
-        if spec_kind == "json_object":  # XGrammar's built-in JSON grammar also allows arrays
-            return compiler.compile_json_schema(ANY_JSON_OBJECT, any_whitespace=True,
-                                                max_whitespace_cnt=MAX_JSON_WHITESPACE)
+        if spec_kind in ("json", "json_object"):
+            # json_object: XGrammar's built-in JSON grammar would allow arrays too.
+            schema = _schema_text(spec) if spec_kind == "json" else ANY_JSON_OBJECT
+            return self.json_compiler.compile_json_schema(
+                schema, any_whitespace=True, max_whitespace_cnt=MAX_JSON_WHITESPACE)
         if spec_kind in ("regex", "choice"):
-            return compiler.compile_regex(_regex_for(spec_kind, spec))
+            return self.compiler.compile_regex(_regex_for(spec_kind, spec))
         if spec_kind == "grammar":
-            return compiler.compile_grammar(spec)
+            return self.compiler.compile_grammar(spec)
         raise _unknown_kind(spec_kind)
 
     def _parse(self, spec_kind: str, spec: Any) -> None:

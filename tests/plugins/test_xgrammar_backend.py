@@ -173,3 +173,20 @@ def test_property_names_that_look_like_keywords_are_fine(backend):
                                                "contains": {"type": "integer"}},
               "uniqueItems": False}
     backend.validate("json", schema)
+
+
+def test_json_never_allows_raw_control_characters(backend, tokenizer):
+    """XGrammar's bounded strings (maxLength) admit control characters; JSON specs compile
+    against a vocabulary where those tokens are blanked."""
+    control = {i for i in range(VOCAB)
+               if any(ord(char) < 0x20 for char in tokenizer.decode([i]))}
+    assert control, "the test tokenizer has no control-character tokens"
+    schema = {"type": "array", "items": {"type": "string", "maxLength": 5}}
+    for kind, spec, prefix in (("json", schema, '["ab'), ("json_object", True, '{"k": "v')):
+        grammar = backend.compile(kind, spec)
+        assert grammar.accept_tokens(tokenizer.encode(prefix))
+        allowed = allowed_ids(backend, grammar)
+        assert len(allowed) > 10 and not allowed & control
+    regex = backend.compile("regex", r"a\nb")  # other specs keep the whole vocabulary
+    assert regex.accept_tokens(tokenizer.encode("a"))
+    assert allowed_ids(backend, regex) & control
