@@ -5,8 +5,12 @@ sampled tokens are read back, so the host's bookkeeping overlaps the device's
 work. Tokens step N+1 needs from step N stay on the device (placeholders).
 Requests whose sampling needs every earlier token on the host (penalties)
 make the loop wait for the step in flight first. Structured-output grammars
-need them too, but only for masking: step N+1's forward pass is launched
-first and its sampling runs once step N's tokens have reached the grammars.
+need them too, but only for masking, so a step with grammar rows is split:
+its forward pass launches at once; its masks start filling in the background
+once the previous step's tokens have reached the grammars; its sampling is
+launched at the start of the next step(), just before the next forward pass.
+The mask filling thus overlaps the device's forward pass and the host's
+output processing and scheduling.
 """
 
 from __future__ import annotations
@@ -41,14 +45,16 @@ class EngineCore:
             outputs = self._complete_in_flight()
         scheduler_output = self.scheduler.schedule()
         self.last_num_scheduled_tokens = scheduler_output.num_scheduled_tokens
+        if self.in_flight is not None:  # the next forward pass reads its tokens on the device
+            self.in_flight[1].sample()
         launched = None
         if not scheduler_output.is_empty:
             launched = (scheduler_output, self.runner.execute_async(scheduler_output))
         elif scheduler_output.finished_request_ids:
             self.runner.sampling_state.forget(scheduler_output.finished_request_ids)
         outputs += self._complete_in_flight()
-        if launched is not None:
-            launched[1].sample()
+        if launched is not None:  # every earlier token has reached the grammars now
+            launched[1].start_masks()
         self.in_flight = launched
         if launched is not None and not self.async_scheduling:
             outputs += self._complete_in_flight()

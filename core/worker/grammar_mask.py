@@ -1,11 +1,15 @@
 """Structured-output masks: filled on the CPU, unpacked and applied on the device.
 
 Works for any backend and any sampler: the logits of constrained rows are set
-to -inf wherever the row's grammar forbids the next token.
+to -inf wherever the row's grammar forbids the next token. Filling runs on a
+background thread (backends' native code releases the GIL), so it overlaps
+the engine thread's output processing and scheduling.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -20,8 +24,18 @@ def fill_one_by_one(grammars: list[Grammar], bitmask: torch.Tensor, rows: list[i
         grammar.fill_bitmask(bitmask, row)
 
 
+@dataclass(slots=True)
+class MaskFill:
+    """Bitmasks being filled for the rows of one step that have a live grammar."""
+
+    rows: list[int]
+    bitmask: torch.Tensor | None = None
+    done: Future | None = None
+
+
 class GrammarMasks:
-    """Packed int32 bitmasks (bit i of word w allows token 32 * w + i) in pinned memory.
+    """Packed int32 bitmasks (bit i of word w allows token 32 * w + i) in pinned memory,
+    filled on a background thread while the engine's own thread goes on.
 
     Two host buffers alternate, so filling step N+1's masks never overwrites a
     buffer whose copy to the device may still be pending.
@@ -35,23 +49,37 @@ class GrammarMasks:
         self.shifts = torch.arange(8, dtype=torch.uint8, device=device)
         self.host_buffers: list[torch.Tensor] = []
         self.next_buffer = 0
+        self._filler: ThreadPoolExecutor | None = None
 
-    def apply(self, logits: torch.Tensor, grammars: list[Grammar | None]) -> torch.Tensor:
-        """Mask ``logits`` (one row per grammar; None rows pass) in place and return it."""
+    def start(self, grammars: list[Grammar | None], vocab_size: int) -> MaskFill:
+        """Begin filling the masks of one step's rows (None rows pass unmasked).
+
+        The grammars must not be advanced until ``apply`` has returned.
+        """
         # A grammar that has terminated belongs to a request that finished while
         # this step was in flight: its token is discarded, so it needs no mask.
         rows = [row for row, grammar in enumerate(grammars)
                 if grammar is not None and not grammar.is_terminated()]
         if not rows:
-            return logits
-        vocab_size = logits.shape[1]
+            return MaskFill(rows)
         bitmask = self._host_buffer(vocab_size)[:len(rows)]
-        self.fill_bitmasks([grammars[row] for row in rows], bitmask, list(range(len(rows))))
+        if self._filler is None:
+            self._filler = ThreadPoolExecutor(1, thread_name_prefix="kvloom-bitmask")
+        done = self._filler.submit(self.fill_bitmasks, [grammars[row] for row in rows],
+                                   bitmask, list(range(len(rows))))
+        return MaskFill(rows, bitmask, done)
+
+    def apply(self, logits: torch.Tensor, fill: MaskFill) -> torch.Tensor:
+        """Wait for ``fill``, then mask ``logits`` on the device, in place; returns it."""
+        if not fill.rows:
+            return logits
+        fill.done.result()
+        vocab_size = logits.shape[1]
         # Unpacked a byte at a time (little-endian: byte b of word w holds tokens
         # 32w + 8b .. 32w + 8b + 7), so the widest temporary is one byte per token.
-        packed = bitmask.to(self.device, non_blocking=True).view(torch.uint8)
+        packed = fill.bitmask.to(self.device, non_blocking=True).view(torch.uint8)
         allowed = ((packed.unsqueeze(-1) >> self.shifts) & 1).bool().flatten(1)[:, :vocab_size]
-        index = torch.tensor(rows, dtype=torch.int64).to(self.device, non_blocking=True)
+        index = torch.tensor(fill.rows, dtype=torch.int64).to(self.device, non_blocking=True)
         logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
         return logits
 

@@ -11,7 +11,7 @@ from kvloom.interfaces.sampler import Sampler
 from kvloom.sampling_params import SamplingParams
 from kvloom.scheduler.output import ScheduledRequest, SchedulerOutput
 from kvloom.worker.cuda_graphs import CudaGraphDecoder
-from kvloom.worker.grammar_mask import FillBitmasks, GrammarMasks, fill_one_by_one
+from kvloom.worker.grammar_mask import FillBitmasks, GrammarMasks, MaskFill, fill_one_by_one
 from kvloom.worker.input_batch import InputBuffers, ModelInputs
 from kvloom.worker.runner_output import ModelRunnerOutput, PendingRunnerOutput
 from kvloom.worker.sampling import SampledTokenStore, SamplingState
@@ -56,8 +56,7 @@ class ModelRunner:
 
         The next step may be launched before ``result()`` is called: tokens it
         needs from this one (placeholders) are taken from the device directly.
-        With structured-output rows, sampling waits for ``sample()`` (see
-        PendingRunnerOutput), called once the grammars have seen every earlier token.
+        With structured-output rows, sampling is deferred (see PendingRunnerOutput).
         """
         self.sampling_state.forget(scheduler_output.finished_request_ids)
         scheduled = scheduler_output.scheduled
@@ -69,13 +68,17 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden_states[inputs.logits_indices]).float()
         rows = [scheduled[row] for row in inputs.sampled_rows]
         if any(row.grammar is not None for row in rows):
-            return PendingRunnerOutput(deferred_sample=lambda: self._sample(rows, logits))
+            grammars = [row.grammar for row in rows]
+            return PendingRunnerOutput(
+                start_masks=lambda: self.grammar_masks.start(grammars, logits.shape[1]),
+                deferred_sample=lambda mask_fill: self._sample(rows, logits, mask_fill))
         return self._sample(rows, logits)
 
     @torch.inference_mode()
-    def _sample(self, rows: list[ScheduledRequest], logits: torch.Tensor) -> PendingRunnerOutput:
-        if any(row.grammar is not None for row in rows):
-            logits = self.grammar_masks.apply(logits, [row.grammar for row in rows])
+    def _sample(self, rows: list[ScheduledRequest], logits: torch.Tensor,
+                mask_fill: MaskFill | None = None) -> PendingRunnerOutput:
+        if mask_fill is not None:
+            logits = self.grammar_masks.apply(logits, mask_fill)
         output = self.sampler.sample(logits, self.sampling_state.metadata_for(rows))
         return self.sampled_tokens.record(rows, output)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from kvloom.scheduler.output import SampleLogprobs
 
@@ -21,21 +21,32 @@ class PendingRunnerOutput:
     """A launched step whose sampled tokens are still on their way to the host.
 
     A step with structured-output rows launches its forward pass but defers
-    sampling: the grammar masks need the previous step's tokens, which are
-    read back while this step's forward pass runs on the device.
+    sampling in two parts: ``start_masks()`` once its grammars have seen every
+    earlier token (the masks then fill in the background), and ``sample()``
+    before anything needs its tokens. ``result()`` runs whatever is left.
     """
 
     def __init__(self, wait: Callable[[], ModelRunnerOutput] | None = None,
-                 deferred_sample: Callable[[], "PendingRunnerOutput"] | None = None) -> None:
+                 start_masks: Callable[[], Any] | None = None,
+                 deferred_sample: Callable[[Any], "PendingRunnerOutput"] | None = None) -> None:
         self._wait = wait
+        self._start_masks = start_masks
+        self._mask_fill: Any = None
         self._deferred_sample = deferred_sample
         self._result: ModelRunnerOutput | None = None
+
+    def start_masks(self) -> None:
+        """Begin filling the grammar masks (once)."""
+        if self._start_masks is not None:
+            start, self._start_masks = self._start_masks, None
+            self._mask_fill = start()
 
     def sample(self) -> None:
         """Run the deferred sampling, if any (once)."""
         if self._deferred_sample is not None:
+            self.start_masks()
             sample, self._deferred_sample = self._deferred_sample, None
-            self._wait = sample()._wait
+            self._wait = sample(self._mask_fill)._wait
 
     @classmethod
     def empty(cls) -> "PendingRunnerOutput":

@@ -178,7 +178,38 @@ def test_masks_unpack_every_bit_including_the_sign_bit_and_a_partial_word():
     logits = torch.zeros(4, vocab_size)
     grammars = [FixedGrammar([0, 31, 63, 69]), None, FixedGrammar([5], terminated=True),
                 FixedGrammar([32, 64])]
-    masked = masks.apply(logits, grammars)
+    masked = masks.apply(logits, masks.start(grammars, vocab_size))
     allowed = [torch.isfinite(masked[row]).nonzero().flatten().tolist() for row in range(4)]
     assert allowed == [[0, 31, 63, 69], list(range(vocab_size)), list(range(vocab_size)),
                        [32, 64]]
+
+
+class ThreadRecordingPlugin:
+    """The xgrammar backend, noting which thread fills the masks."""
+
+    def __init__(self) -> None:
+        self.fill_threads: set[str] = set()
+
+    @hookimpl
+    def register_structured_output_backends(self, register):
+        from kvloom.plugins.structured_output.xgrammar_backend import XGrammarBackend
+
+        plugin = self
+
+        class RecordingBackend(XGrammarBackend):
+            def fill_bitmasks(self, grammars, bitmask, rows):
+                plugin.fill_threads.add(threading.current_thread().name)
+                super().fill_bitmasks(grammars, bitmask, rows)
+
+        register("recording", RecordingBackend)
+
+
+def test_masks_are_filled_off_the_engine_thread(tiny_qwen2):
+    plugin = ThreadRecordingPlugin()
+    engine = Engine.from_config({"model": str(tiny_qwen2), "dtype": "float32",
+                                 "structured_output": "recording"},
+                                plugin_manager=make_plugin_manager(extra_plugins={"r": plugin}))
+    engine.add_request("json", "Data:", constrained(json=SCHEMA))
+    output = run_until_finished(engine, ["json"])["json"].outputs[0]
+    assert json.loads(output.text)["tag"] in ("a", "bb", "ccc")
+    assert plugin.fill_threads and threading.current_thread().name not in plugin.fill_threads
