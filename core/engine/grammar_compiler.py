@@ -17,6 +17,7 @@ import torch
 
 from kvloom.interfaces.structured_output import Grammar, StructuredOutputBackend
 from kvloom.scheduler.request import Request
+from kvloom.worker.grammar_mask import TrackedGrammar
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ class GrammarCompiler:
                 done.failed += pending.requests
                 continue
             for request, grammar in zip(pending.requests, pending.future.result()):
-                request.grammar = grammar
+                request.grammar = TrackedGrammar(grammar, request.output_token_ids)
             done.ready += pending.requests
         return done
 

@@ -35,6 +35,14 @@ class Grammar(ABC):
     def is_terminated(self) -> bool:
         """True once the grammar has reached an accepting end state."""
 
+    @abstractmethod
+    def terminates_on(self, token_id: int) -> bool:
+        """True if ``token_id``, sampled under this grammar's latest mask, ends it.
+
+        Asked before the token is accepted (tokens reach grammars off the engine's
+        thread); for XGrammar, whether it is one of the grammar's stop tokens.
+        """
+
 
 class StructuredOutputBackend(ABC):
     """Compiles specs into grammars for one tokenizer.

@@ -61,7 +61,7 @@ class Request:
     num_cached_tokens: int = -1
     num_preemptions: int = 0
     num_output_placeholders: int = 0
-    grammar: Any = None  # a structured-output Grammar following this request's tokens
+    grammar: Any = None  # a TrackedGrammar following this request's tokens (structured output)
     block_hashes: list[bytes] = field(default_factory=list)
     stop_reason: int | str | None = None
 

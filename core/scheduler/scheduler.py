@@ -241,10 +241,8 @@ class Scheduler:
         # A stop token wins over the length limit it coincides with: the model
         # did finish, so the reason is "stop" (as in vLLM), not "length".
         params = request.sampling_params
-        if request.grammar is not None:
-            request.grammar.accept_tokens([token_id])
-            if request.grammar.is_terminated():
-                return RequestStatus.FINISHED_STOPPED
+        if request.grammar is not None and request.grammar.terminates_on(token_id):
+            return RequestStatus.FINISHED_STOPPED
         if request.num_output_tokens >= params.min_tokens:
             if not params.ignore_eos and token_id in request.eos_token_ids:
                 return RequestStatus.FINISHED_STOPPED

@@ -8,6 +8,7 @@ the engine thread's output processing and scheduling.
 
 from __future__ import annotations
 
+import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
@@ -15,6 +16,8 @@ from typing import Callable
 import torch
 
 from kvloom.interfaces.structured_output import Grammar
+
+logger = logging.getLogger(__name__)
 
 FillBitmasks = Callable[[list[Grammar], torch.Tensor, list[int]], None]
 
@@ -24,13 +27,35 @@ def fill_one_by_one(grammars: list[Grammar], bitmask: torch.Tensor, rows: list[i
         grammar.fill_bitmask(bitmask, row)
 
 
+@dataclass(eq=False, slots=True)
+class TrackedGrammar:
+    """A request's grammar and how many of the request's output tokens it has seen.
+
+    Tokens reach the grammar on the mask-filling thread, just before its next mask
+    is filled, so the engine's thread never waits for a grammar to advance.
+    """
+
+    grammar: Grammar
+    output_token_ids: list[int]  # the request's own list, which the scheduler extends
+    num_seen: int = 0
+
+    def catch_up(self) -> None:
+        new_tokens = self.output_token_ids[self.num_seen:]
+        if new_tokens and not self.grammar.accept_tokens(new_tokens):
+            # Only a token sampled without this grammar's mask can get here.
+            logger.warning("a grammar rejected tokens %s; its masks may be wrong", new_tokens)
+        self.num_seen += len(new_tokens)
+
+    def terminates_on(self, token_id: int) -> bool:
+        return self.grammar.terminates_on(token_id)
+
+
 @dataclass(slots=True)
 class MaskFill:
-    """Bitmasks being filled for the rows of one step that have a live grammar."""
+    """Bitmasks being filled for one step; ``done`` yields the masked rows."""
 
-    rows: list[int]
-    bitmask: torch.Tensor | None = None
-    done: Future | None = None
+    bitmask: torch.Tensor
+    done: Future
 
 
 class GrammarMasks:
@@ -51,37 +76,41 @@ class GrammarMasks:
         self.next_buffer = 0
         self._filler: ThreadPoolExecutor | None = None
 
-    def start(self, grammars: list[Grammar | None], vocab_size: int) -> MaskFill:
-        """Begin filling the masks of one step's rows (None rows pass unmasked).
-
-        The grammars must not be advanced until ``apply`` has returned.
-        """
-        # A grammar that has terminated belongs to a request that finished while
-        # this step was in flight: its token is discarded, so it needs no mask.
-        rows = [row for row, grammar in enumerate(grammars)
-                if grammar is not None and not grammar.is_terminated()]
-        if not rows:
-            return MaskFill(rows)
-        bitmask = self._host_buffer(vocab_size)[:len(rows)]
+    def start(self, grammars: list[TrackedGrammar | None], vocab_size: int) -> MaskFill:
+        """Begin bringing one step's grammars up to date and filling their masks
+        (None rows pass unmasked). Nothing else may touch the grammars until
+        ``apply`` has returned."""
+        bitmask = self._host_buffer(vocab_size)
         if self._filler is None:
             self._filler = ThreadPoolExecutor(1, thread_name_prefix="kvloom-bitmask")
-        done = self._filler.submit(self.fill_bitmasks, [grammars[row] for row in rows],
-                                   bitmask, list(range(len(rows))))
-        return MaskFill(rows, bitmask, done)
+        return MaskFill(bitmask, self._filler.submit(self._fill, grammars, bitmask))
 
     def apply(self, logits: torch.Tensor, fill: MaskFill) -> torch.Tensor:
         """Wait for ``fill``, then mask ``logits`` on the device, in place; returns it."""
-        if not fill.rows:
+        rows = fill.done.result()
+        if not rows:
             return logits
-        fill.done.result()
         vocab_size = logits.shape[1]
         # Unpacked a byte at a time (little-endian: byte b of word w holds tokens
         # 32w + 8b .. 32w + 8b + 7), so the widest temporary is one byte per token.
-        packed = fill.bitmask.to(self.device, non_blocking=True).view(torch.uint8)
+        packed = fill.bitmask[:len(rows)].to(self.device, non_blocking=True).view(torch.uint8)
         allowed = ((packed.unsqueeze(-1) >> self.shifts) & 1).bool().flatten(1)[:, :vocab_size]
-        index = torch.tensor(fill.rows, dtype=torch.int64).to(self.device, non_blocking=True)
+        index = torch.tensor(rows, dtype=torch.int64).to(self.device, non_blocking=True)
         logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
         return logits
+
+    def _fill(self, grammars: list[TrackedGrammar | None], bitmask: torch.Tensor) -> list[int]:
+        for tracked in grammars:
+            if tracked is not None:
+                tracked.catch_up()
+        # A grammar that has terminated belongs to a request that finished while
+        # this step was in flight: its token is discarded, so it needs no mask.
+        rows = [row for row, tracked in enumerate(grammars)
+                if tracked is not None and not tracked.grammar.is_terminated()]
+        if rows:
+            self.fill_bitmasks([grammars[row].grammar for row in rows], bitmask,
+                               list(range(len(rows))))
+        return rows
 
     def _host_buffer(self, vocab_size: int) -> torch.Tensor:
         num_words = (vocab_size + 31) // 32

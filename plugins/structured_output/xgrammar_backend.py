@@ -37,6 +37,7 @@ class XGrammarGrammar(Grammar):
 
     def __init__(self, matcher: Any) -> None:
         self.matcher = matcher
+        self.stop_token_ids = frozenset(matcher.stop_token_ids)
 
     def accept_tokens(self, token_ids: list[int]) -> bool:
         accepted = 0
@@ -56,6 +57,9 @@ class XGrammarGrammar(Grammar):
 
     def is_terminated(self) -> bool:
         return self.matcher.is_terminated()
+
+    def terminates_on(self, token_id: int) -> bool:
+        return token_id in self.stop_token_ids
 
 
 class XGrammarBackend(StructuredOutputBackend):
@@ -148,10 +152,10 @@ class XGrammarBackend(StructuredOutputBackend):
 
 
 def _fill_threads() -> int:
-    """Half the CPUs this process may use, at most 8: the engine loop, the compile
-    threads and the tokenizer need the rest. (XGrammar's own "auto" counts the host's
-    hardware threads, which in a container can be far more than it may use.)"""
-    return max(1, min(8, len(os.sched_getaffinity(0)) // 2))
+    """All but two of the CPUs this process may use (the engine's thread and the
+    driver's keep theirs), at most 16. XGrammar's own "auto" counts the host's
+    hardware threads, which in a container can be far more than it may use."""
+    return max(1, min(16, len(os.sched_getaffinity(0)) - 2))
 
 
 def _schema_text(spec: Any) -> str:

@@ -13,7 +13,7 @@ pytest.importorskip("xgrammar")
 
 from kvloom import Engine, SamplingParams, StructuredOutputsParams, hookimpl  # noqa: E402
 from kvloom import make_plugin_manager  # noqa: E402
-from kvloom.worker.grammar_mask import GrammarMasks  # noqa: E402
+from kvloom.worker.grammar_mask import GrammarMasks, TrackedGrammar  # noqa: E402
 
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["n", "tag"],
           "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99},
@@ -171,13 +171,18 @@ class FixedGrammar:
     def is_terminated(self):
         return self.terminated
 
+    def accept_tokens(self, token_ids):
+        self.accepted = getattr(self, "accepted", []) + token_ids
+        return True
+
 
 def test_masks_unpack_every_bit_including_the_sign_bit_and_a_partial_word():
     vocab_size = 70  # three words, the last one partly used
     masks = GrammarMasks(max_num_rows=4, device=torch.device("cpu"))
     logits = torch.zeros(4, vocab_size)
-    grammars = [FixedGrammar([0, 31, 63, 69]), None, FixedGrammar([5], terminated=True),
-                FixedGrammar([32, 64])]
+    grammars = [TrackedGrammar(FixedGrammar([0, 31, 63, 69]), []), None,
+                TrackedGrammar(FixedGrammar([5], terminated=True), []),
+                TrackedGrammar(FixedGrammar([32, 64]), [])]
     masked = masks.apply(logits, masks.start(grammars, vocab_size))
     allowed = [torch.isfinite(masked[row]).nonzero().flatten().tolist() for row in range(4)]
     assert allowed == [[0, 31, 63, 69], list(range(vocab_size)), list(range(vocab_size)),
@@ -213,3 +218,13 @@ def test_masks_are_filled_off_the_engine_thread(tiny_qwen2):
     output = run_until_finished(engine, ["json"])["json"].outputs[0]
     assert json.loads(output.text)["tag"] in ("a", "bb", "ccc")
     assert plugin.fill_threads and threading.current_thread().name not in plugin.fill_threads
+
+
+def test_a_tracked_grammar_sees_each_output_token_once():
+    output_token_ids = [7, 8]
+    tracked = TrackedGrammar(FixedGrammar([1]), output_token_ids)
+    tracked.catch_up()
+    output_token_ids += [9]
+    tracked.catch_up()
+    tracked.catch_up()
+    assert tracked.grammar.accepted == [7, 8, 9] and tracked.num_seen == 3
