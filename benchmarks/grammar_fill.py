@@ -1,6 +1,7 @@
 """Host-side cost of structured-output masks: filling a step's bitmasks for N requests
 inside a JSON string (the costliest common state), one by one vs XGrammar's batch
-matcher with several thread counts. CPU only.
+matcher with several thread counts, vs a Python thread pool filling rows one by one
+(XGrammar releases the GIL while filling). CPU only.
 
     python benchmarks/grammar_fill.py --tokenizer .bench-tokenizer
 """
@@ -11,6 +12,7 @@ import argparse
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -46,7 +48,7 @@ def main() -> None:
     thread_counts = sorted({1, 2, 4, 8, cpus // 2, cpus} - {0})
     print(f"cpus {cpus}, vocab {args.vocab_size}; ms per fill of all rows")
     print(f"{'rows':>6}{'loop':>9}" + "".join(f"{f'batch{t}':>10}" for t in thread_counts)
-          + f"{'auto':>9}")
+          + f"{'auto':>10}" + "".join(f"{f'pool{t}':>10}" for t in (4, 8, max(1, cpus - 2))))
     for num_rows in args.rows:
         matchers = [g.matcher for g in grammars[:num_rows]]
         rows = list(range(num_rows))
@@ -63,8 +65,17 @@ def main() -> None:
         for threads in thread_counts + ["auto"]:
             batch = xgrammar.BatchGrammarMatcher(max_threads=threads)
             cells.append(timed(lambda: batch.batch_fill_next_token_bitmask(matchers, bitmask, rows)))
-        print(f"{num_rows:>6}{loop:>9.2f}" + "".join(f"{c:>10.2f}" for c in cells[:-1])
-              + f"{cells[-1]:>9.2f}")
+        for threads in (4, 8, max(1, cpus - 2)):
+            pool = ThreadPoolExecutor(threads)
+            chunks = [rows[i::threads] for i in range(threads)]
+
+            def fill_chunk(chunk):
+                for row in chunk:
+                    matchers[row].fill_next_token_bitmask(bitmask, row)
+
+            cells.append(timed(lambda: list(pool.map(fill_chunk, chunks))))
+            pool.shutdown()
+        print(f"{num_rows:>6}{loop:>9.2f}" + "".join(f"{c:>10.2f}" for c in cells))
 
 
 if __name__ == "__main__":
