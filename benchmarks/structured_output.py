@@ -63,6 +63,30 @@ def run(llm, prompts, output_lens, fraction: float, temperature: float) -> dict:
             "sample_text": constrained[0].outputs[0].text[:160] if constrained else ""}
 
 
+def profile_decode_steps(engine, prompts, num_steps: int = 100) -> None:
+    """Steady decoding of a full batch, half constrained: wall time per step, then cProfile."""
+    from profile_step import print_host_profile
+
+    from kvloom import SamplingParams, StructuredOutputsParams
+
+    for index, prompt in enumerate(prompts):
+        spec = StructuredOutputsParams(json=SCHEMA) if index % 2 == 0 else None
+        engine.add_request(f"p{index}", {"prompt_token_ids": prompt},
+                           SamplingParams(temperature=0, max_tokens=10_000, ignore_eos=True,
+                                          structured_outputs=spec))
+    while engine.get_stats().num_waiting or any(
+            r.num_computed_tokens < r.num_prompt_tokens for r in engine.core.scheduler.running):
+        engine.step()
+    started = time.perf_counter()
+    for _ in range(num_steps):
+        engine.step()
+    print(f"\nsteady decode, {len(prompts)} rows, half constrained: "
+          f"{(time.perf_counter() - started) / num_steps * 1e3:.2f} ms/step")
+    print_host_profile(engine, num_steps)
+    engine.abort_request([f"p{i}" for i in range(len(prompts))])
+    engine.step()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="qwen2-0.5b")
@@ -72,6 +96,8 @@ def main() -> None:
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.0, 0.5, 0.0])
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
+    parser.add_argument("--cprofile", action="store_true",
+                        help="then profile the host side of decode steps, half constrained")
     args = parser.parse_args()
 
     from kvloom import LLM, SamplingParams, StructuredOutputsParams
@@ -95,13 +121,16 @@ def main() -> None:
           f"{sum(output_lens)} output tokens, temperature {args.temperature}")
     print(f"warm-up (every prefill, 8 tokens each, first compilation of the schema): "
           f"{warmup_seconds:.2f} s")
-    print(f"sample constrained output: {results[-1]['sample_text']!r}")
+    samples = [row["sample_text"] for row in results if row["sample_text"]]
+    print(f"sample constrained output: {samples[0] if samples else ''!r}")
     print(f"{'constrained':>12}{'seconds':>10}{'out tok/s':>12}{'overhead':>10}"
           "  (vs the mean of the unconstrained runs)")
     for row in results:
         overhead = 1 - row["tok_per_s"] / base
         print(f"{row['num_constrained']:>12}{row['seconds']:>10.2f}{row['tok_per_s']:>12.0f}"
               f"{overhead:>10.1%}")
+    if args.cprofile:
+        profile_decode_steps(llm.engine, prompts[:args.max_num_seqs])
     if args.json:
         args.json.write_text(json.dumps({"model": args.model, "device": device_short_name(),
                                          "warmup_seconds": warmup_seconds,
