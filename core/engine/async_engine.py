@@ -241,6 +241,11 @@ class AsyncEngine:
             stream = self._streams.get(output.request_id)
             if stream is None:
                 continue
+            error = self.engine.pop_request_error(output.request_id)
+            if error is not None:  # nothing was streamed yet: the caller sees a ValueError
+                self._send(output.request_id, error)
+                self._close(output.request_id)
+                continue
             self._record_timing(stream, output, now)
             self._send(output.request_id, output)
             if output.finished:

@@ -52,6 +52,10 @@ class Engine:
                                               components.eos_token_ids)
         self.output_processor = OutputProcessor(components.tokenizer)
         self.grammar_compiler = components.grammar_compiler
+        # Requests that failed after add_request accepted them (a grammar that did not
+        # compile), by request id; they finish with "abort" and the server pops the
+        # reason to answer 400 instead.
+        self.request_errors: dict[str, ValueError] = {}
 
     @classmethod
     def from_config(cls, source: str | os.PathLike | dict[str, Any] | EngineConfig,
@@ -110,8 +114,13 @@ class Engine:
             compiler.wait_for_any(timeout=0.05)
         compiled = compiler.take_compiled()
         self.core.add_requests(compiled.ready)
+        self.request_errors.update(compiled.errors)
         return [EngineCoreOutput(request.request_id, [], None, finish_reason="abort")
                 for request in compiled.failed]
+
+    def pop_request_error(self, request_id: str) -> ValueError | None:
+        """Why a request accepted by add_request ended with "abort" on its own, if it did."""
+        return self.request_errors.pop(request_id, None)
 
     def abort_request(self, request_id: str | list[str]) -> None:
         """Stop requests and free their KV blocks; unknown ids are ignored."""

@@ -38,6 +38,7 @@ class CompiledRequests:
 
     ready: list[Request]   # grammars attached; hand them to the scheduler
     failed: list[Request]  # compilation raised; end them with finish_reason "abort"
+    errors: dict[str, ValueError]  # why, by the request id given to submit()
 
 
 class GrammarCompiler:
@@ -69,7 +70,7 @@ class GrammarCompiler:
 
     def take_compiled(self) -> CompiledRequests:
         """Requests whose compilation ended, with their grammars attached."""
-        done = CompiledRequests([], [])
+        done = CompiledRequests([], [], {})
         for request_id, pending in list(self._pending.items()):
             if not pending.future.done():
                 continue
@@ -78,6 +79,8 @@ class GrammarCompiler:
             if error is not None:
                 logger.error("compiling the grammar of request %s failed: %s", request_id, error)
                 done.failed += pending.requests
+                done.errors[request_id] = (error if isinstance(error, ValueError)
+                                           else ValueError(f"the grammar did not compile: {error}"))
                 continue
             for request, grammar in zip(pending.requests, pending.future.result()):
                 request.grammar = TrackedGrammar(grammar, request.output_token_ids)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 from typing import Any, Sequence
 
 from kvloom.config import EngineConfig
@@ -12,6 +13,8 @@ from kvloom.engine.input_processor import PromptType
 from kvloom.outputs import RequestOutput
 from kvloom.plugin_manager import KvloomPluginManager
 from kvloom.sampling_params import RequestOutputKind, SamplingParams
+
+logger = logging.getLogger(__name__)
 
 # LLM(...) keyword -> (config section, key). Keys not listed go to the top level.
 _KWARG_TO_SECTION = {
@@ -105,7 +108,12 @@ class LLM:
         except Exception:
             self.engine.abort_request(request_ids)  # leave nothing half-queued
             raise
-        return self._run_to_completion(request_ids, use_tqdm)
+        outputs = self._run_to_completion(request_ids, use_tqdm)
+        for request_id in request_ids:
+            error = self.engine.pop_request_error(request_id)
+            if error is not None:
+                logger.warning("request %s ended with finish_reason 'abort': %s", request_id, error)
+        return outputs
 
     def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,

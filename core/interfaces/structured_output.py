@@ -29,19 +29,26 @@ class Grammar(ABC):
 
     @abstractmethod
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
-        """Write the allowed-token bitmask for the next token into ``bitmask[row]``."""
+        """Write the allowed-token bitmask for the next token into the whole of
+        ``bitmask[row]`` (the buffer is reused, not cleared between steps)."""
 
     @abstractmethod
     def is_terminated(self) -> bool:
         """True once the grammar has reached an accepting end state."""
 
-    @abstractmethod
     def terminates_on(self, token_id: int) -> bool:
         """True if ``token_id``, sampled under this grammar's latest mask, ends it.
 
-        Asked before the token is accepted (tokens reach grammars off the engine's
-        thread); for XGrammar, whether it is one of the grammar's stop tokens.
+        Asked on the engine's thread before the token is accepted (tokens reach
+        grammars on the mask-filling thread, which is idle then). This default
+        accepts the token, looks, and rolls back; override it with something
+        cheaper (XGrammar: is it one of the grammar's stop tokens?).
         """
+        if not self.accept_tokens([token_id]):
+            return False
+        terminated = self.is_terminated()
+        self.rollback(1)
+        return terminated
 
 
 class StructuredOutputBackend(ABC):

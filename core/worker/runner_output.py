@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+import functools
 from typing import Any, Callable
 
 from kvloom.scheduler.output import SampleLogprobs
@@ -46,7 +47,11 @@ class PendingRunnerOutput:
         if self._deferred_sample is not None:
             self.start_masks()
             sample, self._deferred_sample = self._deferred_sample, None
-            self._wait = sample(self._mask_fill)._wait
+            try:
+                self._wait = sample(self._mask_fill)._wait
+            except BaseException as error:  # result() must raise it too, not a TypeError
+                self._wait = functools.partial(_raise, error)
+                raise
 
     @classmethod
     def empty(cls) -> "PendingRunnerOutput":
@@ -61,3 +66,7 @@ class PendingRunnerOutput:
             self._result = self._wait()
             self._wait = None
         return self._result
+
+
+def _raise(error: BaseException) -> ModelRunnerOutput:
+    raise error

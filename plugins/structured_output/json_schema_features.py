@@ -16,6 +16,14 @@ UNENFORCED_KEYWORDS = ("uniqueItems", "contains", "minContains", "maxContains", 
 _SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
 _SCHEMA_VALUES = ("items", "additionalProperties", "propertyNames", "additionalItems")
 _SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+# XGrammar takes a $ref or a combinator in place of the schema around it: constraints
+# next to one are dropped ({"$ref": ..., "minimum": 5} accepts 3).
+_REPLACING = ("$ref", "anyOf", "oneOf", "allOf")
+_CONSTRAINTS = ("type", "enum", "const", "minimum", "maximum", "exclusiveMinimum",
+                "exclusiveMaximum", "multipleOf", "minLength", "maxLength", "pattern",
+                "format", "properties", "required", "additionalProperties",
+                "patternProperties", "propertyNames", "minProperties", "maxProperties",
+                "items", "prefixItems", "minItems", "maxItems")
 
 
 def unenforced_features(schema: Any, path: str = "$") -> list[str]:
@@ -34,6 +42,12 @@ def _walk(schema: Any, path: str) -> Iterator[str]:
     if ("pattern" in schema or "format" in schema) and (
             "maxLength" in schema or "minLength" in schema):
         yield f"minLength/maxLength together with pattern or format at {path}"
+    if "multipleOf" in schema and schema.get("type") != "integer":
+        yield f"multipleOf on a non-integer at {path}"
+    replacing = [keyword for keyword in _REPLACING if keyword in schema]
+    beside = [keyword for keyword in _CONSTRAINTS if keyword in schema]
+    if replacing and beside:
+        yield f"{', '.join(beside)} beside {replacing[0]} at {path}"
     for keyword in _SCHEMA_MAPS:
         if isinstance(schema.get(keyword), dict):
             for name, subschema in schema[keyword].items():

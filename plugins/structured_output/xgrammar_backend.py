@@ -155,7 +155,9 @@ def _fill_threads() -> int:
     """All but two of the CPUs this process may use (the engine's thread and the
     driver's keep theirs), at most 16. XGrammar's own "auto" counts the host's
     hardware threads, which in a container can be far more than it may use."""
-    return max(1, min(16, len(os.sched_getaffinity(0)) - 2))
+    usable = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+              else os.cpu_count() or 1)  # macOS has no affinity call
+    return max(1, min(16, usable - 2))
 
 
 def _schema_text(spec: Any) -> str:
@@ -198,10 +200,15 @@ def _as_value_error(spec_kind: str):
 
 
 # XGrammar prefixes its errors with its C++ log location ("[07:44:50] /project/cpp/x.cc:83: ")
-# and sometimes an assertion ("Check failed: (error.empty()) is false: "); users need neither.
-_NATIVE_PREFIX = re.compile(r"^(\[[\d:]+\] )?(/\S+:\d+: )?(Check failed: .*? is false: ?)?")
+# and often an assertion ("Check failed: (error.empty()) is false: "); users need neither,
+# unless the assertion is all there is.
+_LOG_LOCATION = re.compile(r"^(\[[\d:]+\] )?(/\S+:\d+: )?")
+_ASSERTION = re.compile(r"^Check failed: .*? is false: ?")
 
 
 def _invalid(spec_kind: str, exc: Exception) -> ValueError:
-    reason = _NATIVE_PREFIX.sub("", str(exc).strip().splitlines()[0])[:300]
+    first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    reason = _LOG_LOCATION.sub("", first_line)
+    reason = (_ASSERTION.sub("", reason) or "XGrammar could not compile it "
+              f"({reason.rstrip(': ')})")[:300]
     return ValueError(f"invalid {spec_kind} for structured output: {reason}")

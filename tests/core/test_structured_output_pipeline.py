@@ -109,7 +109,24 @@ def test_a_failed_compilation_aborts_only_its_request(tiny_qwen2):
     finished = run_until_finished(engine, ["json", "plain"])
     assert finished["json"].outputs[0].finish_reason == "abort"
     assert finished["json"].outputs[0].token_ids == []
+    assert "out of memory while compiling" in str(engine.pop_request_error("json"))
+    assert engine.pop_request_error("json") is None and engine.pop_request_error("plain") is None
     assert len(finished["plain"].outputs[0].token_ids) == 4
+
+
+def test_a_failing_mask_fill_surfaces_as_its_own_error(tiny_qwen2):
+    plugin = ThreadRecordingPlugin(fail=True)
+    engine = Engine.from_config({"model": str(tiny_qwen2), "dtype": "float32",
+                                 "structured_output": "recording"},
+                                plugin_manager=make_plugin_manager(extra_plugins={"r": plugin}))
+    engine.add_request("json", "Data:", constrained(json=SCHEMA))
+    # The backend's own error (an engine failure: the server stops on it), not a TypeError
+    # from a half-finished step.
+    with pytest.raises(RuntimeError, match="bitmask filling failed"):
+        run_until_finished(engine, ["json"])
+    with pytest.raises(RuntimeError, match="bitmask filling failed"):
+        engine.core.in_flight[1].result()
+    engine.abort_request("json")
 
 
 def test_abort_while_compiling_forgets_the_request(tiny_qwen2):
@@ -192,8 +209,9 @@ def test_masks_unpack_every_bit_including_the_sign_bit_and_a_partial_word():
 class ThreadRecordingPlugin:
     """The xgrammar backend, noting which thread fills the masks."""
 
-    def __init__(self) -> None:
+    def __init__(self, fail: bool = False) -> None:
         self.fill_threads: set[str] = set()
+        self.fail = fail
 
     @hookimpl
     def register_structured_output_backends(self, register):
@@ -204,6 +222,8 @@ class ThreadRecordingPlugin:
         class RecordingBackend(XGrammarBackend):
             def fill_bitmasks(self, grammars, bitmask, rows):
                 plugin.fill_threads.add(threading.current_thread().name)
+                if plugin.fail:
+                    raise RuntimeError("bitmask filling failed")
                 super().fill_bitmasks(grammars, bitmask, rows)
 
         register("recording", RecordingBackend)

@@ -118,6 +118,8 @@ INVALID = [
         "name": "ids", "schema": {"type": "array", "uniqueItems": True}}}},
         ["response_format.json_schema.schema", "cannot enforce", "uniqueItems"],
         id="unenforceable-schema"),
+    pytest.param({"structured_outputs": {"json": {"type": "string", "pattern": "[a-z]{1,600}"}}},
+                 ["XGrammar could not compile it"], id="schema-that-only-fails-to-compile"),
     pytest.param({"structured_outputs": {"regex": "(unclosed"}},
                  ["structured_outputs.regex", "parenthesis"], id="bad-regex"),
     pytest.param({"structured_outputs": {"grammar": 'rule ::= "a"'}},

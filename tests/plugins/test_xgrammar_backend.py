@@ -161,6 +161,11 @@ def test_batched_bitmask_filling_matches_one_by_one(backend, tokenizer):
     ({"$defs": {"code": {"type": "string", "pattern": "^[a-z]+$", "maxLength": 3}},
       "$ref": "#/$defs/code"}, "pattern or format at $.$defs.code"),
     ('{"type": "array", "uniqueItems": true}', "uniqueItems at $"),
+    ({"type": "number", "multipleOf": 0.5}, "multipleOf on a non-integer at $"),
+    ({"$defs": {"x": {"type": "integer"}}, "$ref": "#/$defs/x", "minimum": 5},
+     "minimum beside $ref at $"),
+    ({"type": "integer", "allOf": [{"minimum": 5}]}, "type beside allOf at $"),
+    ({"anyOf": [{"type": "integer"}, {"type": "null"}], "minimum": 5}, "minimum beside anyOf"),
 ])
 def test_schemas_with_unenforced_features_are_refused(backend, schema, named):
     with pytest.raises(ValueError, match="cannot enforce") as error:
@@ -190,3 +195,30 @@ def test_json_never_allows_raw_control_characters(backend, tokenizer):
     regex = backend.compile("regex", r"a\nb")  # other specs keep the whole vocabulary
     assert regex.accept_tokens(tokenizer.encode("a"))
     assert allowed_ids(backend, regex) & control
+
+
+def test_pydantic_style_unions_and_refs_are_fine(backend):
+    backend.validate("json", {"anyOf": [{"type": "integer"}, {"type": "null"}],
+                              "default": None, "title": "Count"})
+    backend.validate("json", {"$defs": {"p": {"type": "object"}}, "type": "object",
+                              "properties": {"p": {"$ref": "#/$defs/p", "description": "d"}}})
+
+
+def test_a_spec_that_validates_but_does_not_compile_names_the_failure(backend):
+    schema = {"type": "string", "pattern": "[a-z]{1,600}"}  # passes XGrammar's parser
+    backend.validate("json", schema)
+    with pytest.raises(ValueError, match="invalid json for structured output: XGrammar could "
+                                         "not compile it") as error:
+        backend.compile("json", schema)
+    assert "/" not in str(error.value).split("(")[0]
+
+
+def test_the_default_terminates_on_agrees_with_xgrammars(backend, tokenizer):
+    from kvloom.interfaces.structured_output import Grammar
+
+    grammar = backend.compile("choice", ["yes"])
+    assert grammar.accept_tokens(tokenizer.encode("yes"))
+    for token_id in (tokenizer.eos_token_id, tokenizer.encode("y")[0]):
+        assert Grammar.terminates_on(grammar, token_id) == grammar.terminates_on(token_id)
+    assert grammar.terminates_on(tokenizer.eos_token_id)
+    assert not grammar.is_terminated()  # the default rolled back what it tried
