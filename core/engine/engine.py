@@ -127,6 +127,7 @@ class Engine:
         request_ids = [request_id] if isinstance(request_id, str) else list(request_id)
         for rid in request_ids:
             self.grammar_compiler.cancel(rid)
+            self.request_errors.pop(rid, None)
             sequence_ids = self.output_processor.sequence_ids(rid)
             self.core.finish_requests(sequence_ids, RequestStatus.FINISHED_ABORTED)
             self.output_processor.abort_request(rid)

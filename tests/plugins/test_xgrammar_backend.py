@@ -12,6 +12,7 @@ import torch
 xgrammar = pytest.importorskip("xgrammar")
 jsonschema = pytest.importorskip("jsonschema")
 
+from kvloom.plugins.structured_output.json_schema_features import unenforced_features  # noqa: E402,E501
 from kvloom.plugins.structured_output.xgrammar_backend import XGrammarBackend  # noqa: E402
 from kvloom.testing.checkpoints import build_tokenizer  # noqa: E402
 
@@ -173,11 +174,14 @@ def test_schemas_with_unenforced_features_are_refused(backend, schema, named):
     assert named in str(error.value)
 
 
-def test_property_names_that_look_like_keywords_are_fine(backend):
+def test_property_names_that_look_like_keywords_are_fine(backend, tokenizer):
     schema = {"type": "object", "properties": {"if": {"type": "boolean"},
                                                "contains": {"type": "integer"}},
               "uniqueItems": False}
-    backend.validate("json", schema)
+    backend.validate("json", schema)  # would raise ValueError if refused
+    assert unenforced_features(schema) == []
+    grammar = backend.compile("json", schema)
+    assert grammar.accept_tokens(tokenizer.encode('{"if": true, "contains": 3}'))
 
 
 def test_json_never_allows_raw_control_characters(backend, tokenizer):
@@ -198,10 +202,13 @@ def test_json_never_allows_raw_control_characters(backend, tokenizer):
 
 
 def test_pydantic_style_unions_and_refs_are_fine(backend):
-    backend.validate("json", {"anyOf": [{"type": "integer"}, {"type": "null"}],
-                              "default": None, "title": "Count"})
-    backend.validate("json", {"$defs": {"p": {"type": "object"}}, "type": "object",
-                              "properties": {"p": {"$ref": "#/$defs/p", "description": "d"}}})
+    schemas = [{"anyOf": [{"type": "integer"}, {"type": "null"}], "default": None,
+                "title": "Count"},
+               {"$defs": {"p": {"type": "object"}}, "type": "object",
+                "properties": {"p": {"$ref": "#/$defs/p", "description": "d"}}}]
+    for schema in schemas:
+        assert unenforced_features(schema) == []
+        backend.validate("json", schema)  # would raise ValueError if refused
 
 
 def test_a_spec_that_validates_but_does_not_compile_names_the_failure(backend):
