@@ -110,13 +110,24 @@ class ParallelConfig(Section):
 
 
 class SpeculativeConfig(Section):
-    """Speculative decoding; ``method`` names a registered drafter."""
+    """Speculative decoding; ``method`` names a registered drafter (``ngram``, ``eagle``,
+    ``eagle3``, or a plugin's). ``model`` is a draft checkpoint for model-based
+    drafters; ``load_format: dummy`` gives it random weights (speed work)."""
 
     method: str
-    num_speculative_tokens: int = Field(gt=0)
+    num_speculative_tokens: int = Field(gt=0, le=64)
     model: str | None = None
+    load_format: Literal["auto", "dummy"] = "auto"
     prompt_lookup_min: int | None = Field(default=None, gt=0)
     prompt_lookup_max: int | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _lookup_range(self) -> "SpeculativeConfig":
+        low, high = self.prompt_lookup_min, self.prompt_lookup_max
+        if low is not None and high is not None and low > high:
+            raise ValueError(f"prompt_lookup_min ({low}) must not exceed "
+                             f"prompt_lookup_max ({high})")
+        return self
 
 
 # Top-level keys that belong to the model section, so a YAML file can say

@@ -11,6 +11,7 @@ import torch
 from kvloom.config import EngineConfig, cache_dir
 from kvloom.engine.selection import loader_candidates, platform_candidates, select_component
 from kvloom.interfaces.attention import AttentionBackend, AttentionSpec
+from kvloom.interfaces.drafter import Drafter, DrafterContext
 from kvloom.interfaces.loader import ModelLoader
 from kvloom.interfaces.model import ModelContext
 from kvloom.interfaces.platform import Platform
@@ -44,6 +45,7 @@ class EngineComponents:
     runner: ModelRunner
     kv_cache_manager: KVCacheManager
     grammar_compiler: GrammarCompiler
+    drafter: Drafter | None = None
 
 
 def build_engine(config: EngineConfig, registries: Registries) -> EngineComponents:
@@ -66,25 +68,33 @@ def build_engine(config: EngineConfig, registries: Registries) -> EngineComponen
     model, attention_name, backend = _build_model(config, registries, platform, hf_config, dtype)
     loader.load_weights(model, config.model)
     model.eval()
+    drafter = _build_drafter(config, registries, platform, model, hf_config, backend, dtype,
+                             max_model_len)
 
-    limits = resolve_scheduler_limits(config, max_model_len)
+    limits = resolve_scheduler_limits(config, max_model_len, drafter)
     grammar_compiler = GrammarCompiler(
         lambda: _make_structured_output_backend(config, registries, tokenizer, hf_config))
     runner = _build_runner(config, registries, platform, model, backend, limits,
-                           grammar_compiler)
+                           grammar_compiler, drafter, hf_config.vocab_size)
     if platform.device_type == "cuda":
         # The KV cache gets what the largest step leaves free.
         runner.profile_run(min(limits.max_num_batched_tokens, max_model_len),
                            limits.max_num_seqs)
     spec = _full_spec(model.attention_spec(), config, platform)
+    draft_specs = [_full_spec(s, config, platform) for s in drafter.kv_cache_layers()] \
+        if drafter is not None else []
     num_blocks = resolve_num_blocks(config, platform, spec, model.num_attention_layers(),
-                                    max_model_len)
+                                    max_model_len, draft_specs)
     runner.initialize_kv_caches([
         torch.zeros(backend.kv_cache_shape(num_blocks, spec), dtype=dtype,
                     device=platform.device())
         for _ in range(model.num_attention_layers())])
+    if draft_specs:
+        drafter.initialize_kv_caches([
+            torch.zeros(backend.kv_cache_shape(num_blocks, s), dtype=s.dtype,
+                        device=platform.device()) for s in draft_specs])
     logger.info("KV cache: %d blocks of %d tokens", num_blocks, config.cache.block_size)
-    if use_cuda_graphs(config, platform, backend):
+    if use_cuda_graphs(config, platform, backend, drafter):
         runner.capture_cuda_graphs(
             config.model.cuda_graph_sizes or default_capture_sizes(limits.max_num_seqs))
 
@@ -93,12 +103,13 @@ def build_engine(config: EngineConfig, registries: Registries) -> EngineComponen
     scheduler = Scheduler(limits, kv_cache_manager)
     return EngineComponents(platform, attention_name, tokenizer, hf_config, dtype, max_model_len,
                             eos_token_ids(config, hf_config, tokenizer), scheduler, runner,
-                            kv_cache_manager, grammar_compiler)
+                            kv_cache_manager, grammar_compiler, drafter)
 
 
 def _build_runner(config: EngineConfig, registries: Registries, platform: Platform,
                   model: torch.nn.Module, backend: AttentionBackend,
-                  limits: SchedulerLimits, grammar_compiler: GrammarCompiler) -> ModelRunner:
+                  limits: SchedulerLimits, grammar_compiler: GrammarCompiler,
+                  drafter: Drafter | None, vocab_size: int) -> ModelRunner:
     block_size = config.cache.block_size
     buffers = InputBuffers(
         max_num_tokens=max(limits.max_num_batched_tokens, limits.max_num_seqs),
@@ -107,7 +118,30 @@ def _build_runner(config: EngineConfig, registries: Registries, platform: Platfo
         device=platform.device(), pin_memory=getattr(platform, "uses_pinned_memory", False))
     sampler = registries["sampler"].create(config.sampler)
     return ModelRunner(model, backend, sampler, buffers, block_size, platform.device(),
-                       grammar_compiler.fill_bitmasks)
+                       grammar_compiler.fill_bitmasks, drafter,
+                       limits.num_speculative_tokens, vocab_size)
+
+
+def _build_drafter(config: EngineConfig, registries: Registries, platform: Platform,
+                   model: torch.nn.Module, hf_config: Any, backend: AttentionBackend,
+                   dtype: torch.dtype, max_model_len: int) -> Drafter | None:
+    """The ``speculative.method`` drafter, wired to the target model."""
+    speculative = config.speculative
+    if speculative is None:
+        return None
+    context = DrafterContext(model, hf_config, backend, dtype, platform.device(),
+                             config.cache.block_size, max_model_len)
+    drafter = registries["drafter"].create(speculative.method, speculative, context)
+    if drafter.aux_hidden_state_layers:
+        if not hasattr(model, "set_aux_hidden_state_layers"):
+            raise PluginSelectionError(
+                f"drafter {speculative.method!r} reads hidden states of target layers "
+                f"{list(drafter.aux_hidden_state_layers)}, but model "
+                f"{type(model).__name__} cannot return them (set_aux_hidden_state_layers)")
+        model.set_aux_hidden_state_layers(tuple(drafter.aux_hidden_state_layers))
+    logger.info("speculative decoding: %s, %d tokens per step (scheduling is synchronous)",
+                speculative.method, speculative.num_speculative_tokens)
+    return drafter
 
 
 def _make_structured_output_backend(config: EngineConfig, registries: Registries,
@@ -121,9 +155,18 @@ def _make_structured_output_backend(config: EngineConfig, registries: Registries
     return registries["structured_output"].create(name, tokenizer, hf_config.vocab_size)
 
 
-def use_cuda_graphs(config: EngineConfig, platform: Platform, backend: AttentionBackend) -> bool:
-    """Graphs need a platform and backend that support them, and no enforce_eager."""
+def use_cuda_graphs(config: EngineConfig, platform: Platform, backend: AttentionBackend,
+                    drafter: Drafter | None = None) -> bool:
+    """Graphs need a platform and backend that support them, and no enforce_eager.
+
+    A model-based drafter turns them off: it reads the target's hidden states of
+    every step, which captured decode graphs do not keep.
+    """
     if config.model.enforce_eager:
+        return False
+    if drafter is not None and drafter.uses_target_hidden_states:
+        logger.info("CUDA graphs off: drafter %r reads the target's hidden states",
+                    getattr(drafter, "name", "?"))
         return False
     supported = (getattr(platform, "supports_cuda_graphs", False)
                  and getattr(backend, "supports_cuda_graphs", False))
@@ -203,7 +246,8 @@ def resolve_max_model_len(requested: int | None, hf_config: Any) -> int:
     return requested
 
 
-def resolve_scheduler_limits(config: EngineConfig, max_model_len: int) -> SchedulerLimits:
+def resolve_scheduler_limits(config: EngineConfig, max_model_len: int,
+                             drafter: Drafter | None = None) -> SchedulerLimits:
     scheduler = config.scheduler
     budget = scheduler.max_num_batched_tokens
     if budget is None:
@@ -214,18 +258,23 @@ def resolve_scheduler_limits(config: EngineConfig, max_model_len: int) -> Schedu
             f"max_num_batched_tokens ({budget}) is smaller than max_model_len "
             f"({max_model_len}) with enable_chunked_prefill off: long prompts could never run; "
             "raise max_num_batched_tokens, lower max_model_len or enable chunked prefill")
+    num_drafts = config.speculative.num_speculative_tokens if drafter is not None else 0
+    lookahead = num_drafts if drafter is not None and drafter.uses_target_hidden_states else 0
     return SchedulerLimits(scheduler.max_num_seqs, budget, max_model_len,
-                           scheduler.enable_chunked_prefill, scheduler.policy)
+                           scheduler.enable_chunked_prefill, scheduler.policy,
+                           num_drafts, lookahead)
 
 
 def resolve_num_blocks(config: EngineConfig, platform: Platform, spec: AttentionSpec,
-                       num_layers: int, max_model_len: int) -> int:
+                       num_layers: int, max_model_len: int,
+                       extra_layers: list[AttentionSpec] | None = None) -> int:
+    """Blocks that fit the KV budget; each block holds a slice of every layer's cache,
+    the target's ``num_layers`` and ``extra_layers`` (a drafter's)."""
     cache = config.cache
     if cache.num_gpu_blocks_override is not None:
         return cache.num_gpu_blocks_override
-    element_size = torch.tensor([], dtype=spec.dtype).element_size()
-    bytes_per_block = (2 * num_layers * cache.block_size * spec.num_kv_heads * spec.head_size
-                       * element_size)
+    bytes_per_block = num_layers * _bytes_per_block(spec, cache.block_size) + sum(
+        _bytes_per_block(extra, cache.block_size) for extra in extra_layers or [])
     budget = platform.kv_cache_memory_bytes(cache.kv_cache_memory_bytes,
                                             cache.gpu_memory_utilization)
     num_blocks = budget // bytes_per_block
@@ -236,6 +285,11 @@ def resolve_num_blocks(config: EngineConfig, platform: Platform, spec: Attention
         raise ValueError(f"the KV cache budget ({budget} bytes) is smaller than one block "
                          f"({bytes_per_block} bytes); raise kv_cache_memory_bytes")
     return int(num_blocks)
+
+
+def _bytes_per_block(spec: AttentionSpec, block_size: int) -> int:
+    element_size = torch.tensor([], dtype=spec.dtype).element_size()
+    return 2 * block_size * spec.num_kv_heads * spec.head_size * element_size
 
 
 def eos_token_ids(config: EngineConfig, hf_config: Any, tokenizer: Any) -> frozenset[int]:

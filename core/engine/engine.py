@@ -18,6 +18,7 @@ from kvloom.registry import Registries
 from kvloom.sampling_params import SamplingParams
 from kvloom.scheduler.output import EngineCoreOutput
 from kvloom.scheduler.request import RequestStatus
+from kvloom.worker.spec_decode import sampler_exposes_distribution
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ class Engine:
         if not isinstance(request_id, str) or not request_id:
             raise ValueError("request_id must be a non-empty string")
         params = params if params is not None else SamplingParams()
+        self._check_verifiable(params)
         processed = self.input_processor.process_prompt(prompt)
         requests = self.input_processor.make_requests(request_id, processed, params, priority,
                                                       cache_salt, arrival_time)
@@ -86,6 +88,16 @@ class Engine:
         self.output_processor.add_request(request_id, processed.text, processed.token_ids,
                                           params, [r.request_id for r in requests],
                                           [r.sampling_params for r in requests])
+
+    def _check_verifiable(self, params: SamplingParams) -> None:
+        """Speculative decoding verifies random sampling against the sampler's distribution."""
+        runner = self.components.runner
+        if (runner.speculative is not None and not params.is_greedy
+                and not sampler_exposes_distribution(runner.sampler)):
+            raise ValueError(
+                f"temperature: sampler {self.config.sampler!r} cannot verify drafts when "
+                "sampling at random (it has no Sampler.probabilities); use temperature 0 "
+                "or run without speculative decoding")
 
     def _check_ids_free(self, request_id: str, sequence_ids: list[str]) -> None:
         """Neither the request id nor any of its samples' ids may be in use."""
@@ -148,6 +160,9 @@ class Engine:
             prefix_cache_hit_tokens=kv.prefix_stats.num_hit_tokens,
             num_preemptions=scheduler.num_preemptions,
             num_scheduled_tokens=self.core.last_num_scheduled_tokens,
+            spec_num_drafts=scheduler.spec_stats.num_drafts,
+            spec_num_draft_tokens=scheduler.spec_stats.num_draft_tokens,
+            spec_num_accepted_tokens=scheduler.spec_stats.num_accepted_tokens,
         )
 
     def _notify_step(self) -> None:

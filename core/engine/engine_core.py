@@ -11,6 +11,9 @@ once the previous step's tokens have reached the grammars; its sampling is
 launched at the start of the next step(), just before the next forward pass.
 The mask filling thus overlaps the device's forward pass and the host's
 output processing and scheduling.
+
+With speculative decoding the loop is synchronous: once a step's accepted
+tokens are recorded, the drafter proposes the next step's drafts.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from kvloom.scheduler.request import Request, RequestStatus
 from kvloom.scheduler.scheduler import Scheduler
 from kvloom.worker.model_runner import ModelRunner
 from kvloom.worker.runner_output import PendingRunnerOutput
+from kvloom.worker.spec_decode import DraftCandidate
 
 
 class EngineCore:
@@ -56,7 +60,8 @@ class EngineCore:
         if launched is not None:  # every earlier token has reached the grammars now
             launched[1].start_masks()
         self.in_flight = launched
-        if launched is not None and not self.async_scheduling:
+        if launched is not None and (not self.async_scheduling
+                                     or self.runner.speculative is not None):
             outputs += self._complete_in_flight()
         return outputs
 
@@ -70,7 +75,19 @@ class EngineCore:
             return []
         scheduler_output, pending = self.in_flight
         self.in_flight = None
-        return self.scheduler.update_from_output(scheduler_output, pending.result())
+        outputs = self.scheduler.update_from_output(scheduler_output, pending.result())
+        if self.runner.speculative is not None:
+            self._propose_drafts(scheduler_output)
+        return outputs
+
+    def _propose_drafts(self, scheduler_output: SchedulerOutput) -> None:
+        candidates = self.scheduler.draft_candidates(scheduler_output)
+        drafts = self.runner.propose_drafts([
+            DraftCandidate(request.request_id, request.all_token_ids, limit)
+            for request, limit in candidates])
+        for (request, _), request_drafts in zip(candidates, drafts):
+            self.scheduler.set_drafts(request, request_drafts)
 
     def _can_schedule_ahead(self) -> bool:
-        return self.async_scheduling and not self.scheduler.needs_every_token_on_host()
+        return (self.async_scheduling and self.runner.speculative is None
+                and not self.scheduler.needs_every_token_on_host())

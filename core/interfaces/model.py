@@ -48,3 +48,8 @@ class CausalLM(Protocol):
 
     def num_attention_layers(self) -> int:
         """How many KV caches the model needs."""
+
+    # Optional, for EAGLE-3 drafters:
+    #   set_aux_hidden_state_layers(layers: tuple[int, ...]) -> None
+    # makes forward return (hidden_states, aux), aux holding the input of each
+    # listed decoder layer (residual stream) as [num_tokens, hidden] tensors.

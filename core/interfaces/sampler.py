@@ -80,3 +80,15 @@ class Sampler(ABC):
     @abstractmethod
     def sample(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
         """Sample one token per row of ``logits`` [n, vocab] (float32)."""
+
+    def probabilities(self, logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
+        """The distribution ``sample`` draws each row from, float [n, vocab].
+
+        Speculative decoding verifies drafts against it, so the accepted tokens
+        follow exactly this distribution. Greedy rows (temperature 0) may be
+        anything: they are verified against ``sample``'s own choice. Samplers
+        without it can only run speculative decoding on greedy requests.
+        """
+        raise NotImplementedError(
+            f"sampler {self.name!r} does not expose its distribution (Sampler.probabilities); "
+            "speculative decoding with temperature > 0 needs it")

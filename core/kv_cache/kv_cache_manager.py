@@ -83,8 +83,11 @@ class KVCacheManager:
         return PrefixHit(blocks, len(blocks) * self.block_size)
 
     def allocate_slots(self, request: Request, num_new_tokens: int,
-                       prefix_hit: PrefixHit | None = None) -> list[int] | None:
-        """Reserve slots for ``num_new_tokens`` more tokens of ``request``.
+                       prefix_hit: PrefixHit | None = None,
+                       num_lookahead_tokens: int = 0) -> list[int] | None:
+        """Reserve slots for ``num_new_tokens`` more tokens of ``request``, plus
+        ``num_lookahead_tokens`` slots after them (a model-based drafter writes
+        its own KV there).
 
         Returns the request's whole block table, or None (changing nothing)
         when there are not enough free blocks.
@@ -93,7 +96,7 @@ class KVCacheManager:
         if prefix_hit is None and block_ids is not None:
             # The common decode step: the new tokens fit in the request's blocks.
             num_total_tokens = request.num_computed_tokens + num_new_tokens
-            if num_total_tokens <= len(block_ids) * self.block_size:
+            if num_total_tokens + num_lookahead_tokens <= len(block_ids) * self.block_size:
                 if (self.enable_prefix_caching and num_total_tokens // self.block_size
                         > self.request_to_num_cached_blocks.get(request.request_id, 0)):
                     self._cache_full_blocks(request, self.request_to_blocks[request.request_id],
@@ -102,7 +105,8 @@ class KVCacheManager:
         blocks = self.request_to_blocks.get(request.request_id, [])
         hit = prefix_hit or PrefixHit()
         num_total_tokens = request.num_computed_tokens + hit.num_tokens + num_new_tokens
-        num_blocks_needed = -(-num_total_tokens // self.block_size) - len(blocks) - len(hit.blocks)
+        num_slots = num_total_tokens + num_lookahead_tokens
+        num_blocks_needed = -(-num_slots // self.block_size) - len(blocks) - len(hit.blocks)
         num_hit_blocks_now_free = sum(1 for block in hit.blocks if block.ref_count == 0)
         if max(num_blocks_needed, 0) + num_hit_blocks_now_free > self.pool.num_free_blocks:
             return None

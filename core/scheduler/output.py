@@ -26,6 +26,9 @@ class ScheduledRequest:
             samples the next token; False for a non-final prefill chunk.
         prompt_token_ids / output_token_ids: read-only views for penalties.
         banned_token_ids: ids that must not be sampled yet (``min_tokens``).
+        draft_token_ids: the last ``len(draft_token_ids)`` entries of
+            ``token_ids`` are a drafter's guesses, verified in this step
+            (speculative decoding); ``sample`` is then True.
     """
 
     request_id: str
@@ -38,6 +41,7 @@ class ScheduledRequest:
     output_token_ids: list[int]
     banned_token_ids: list[int] = field(default_factory=list)
     grammar: Any = None  # fills this row's allowed-token bitmask when sampling
+    draft_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)

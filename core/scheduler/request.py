@@ -64,6 +64,10 @@ class Request:
     grammar: Any = None  # a TrackedGrammar following this request's tokens (structured output)
     block_hashes: list[bytes] = field(default_factory=list)
     stop_reason: int | str | None = None
+    # Speculative decoding: tokens a drafter proposed for the next step, and how
+    # many drafts the step in flight is verifying (their KV is dropped if rejected).
+    draft_token_ids: list[int] = field(default_factory=list)
+    num_drafts_in_flight: int = 0
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:

@@ -16,6 +16,7 @@ from kvloom.kv_cache.kv_cache_manager import KVCacheManager
 from kvloom.scheduler.output import (PLACEHOLDER_TOKEN_ID, EngineCoreOutput, ScheduledRequest,
                                      SchedulerOutput)
 from kvloom.scheduler.request import Request, RequestStatus
+from kvloom.scheduler.spec_decode import SpecDecodeStats, max_num_drafts
 from kvloom.scheduler.waiting_queue import make_waiting_queue
 from kvloom.worker.runner_output import ModelRunnerOutput
 
@@ -29,6 +30,10 @@ class SchedulerLimits:
     max_model_len: int
     enable_chunked_prefill: bool
     policy: str = "fcfs"
+    # Speculative decoding: drafts per request, and KV slots reserved past them
+    # for a model-based drafter's own positions.
+    num_speculative_tokens: int = 0
+    num_lookahead_tokens: int = 0
 
 
 class Scheduler:
@@ -42,6 +47,7 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.finished_request_ids: set[str] = set()
         self.num_preemptions = 0
+        self.spec_stats = SpecDecodeStats()
 
     # ----------------------------------------------------------------- requests
     def add_request(self, request: Request) -> None:
@@ -98,12 +104,12 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            num_new = min(request.num_tokens_with_placeholders - request.num_computed_tokens,
-                          budget)
+            num_new = min(request.num_tokens_with_placeholders + len(request.draft_token_ids)
+                          - request.num_computed_tokens, budget)
             if num_new <= 0 or self._finishes_in_flight(request):
                 index += 1
                 continue
-            block_ids = self.kv_cache_manager.allocate_slots(request, num_new)
+            block_ids = self._allocate(request, num_new)
             while block_ids is None:
                 victim = self._pick_victim()
                 victim_index = self.running.index(victim)
@@ -113,7 +119,7 @@ class Scheduler:
                     break
                 if victim_index < index:
                     index -= 1
-                block_ids = self.kv_cache_manager.allocate_slots(request, num_new)
+                block_ids = self._allocate(request, num_new)
             if block_ids is None:
                 continue  # the request itself was preempted; ``index`` now points past it
             scheduled[request.request_id] = self._make_scheduled(request, num_new, block_ids)
@@ -144,6 +150,15 @@ class Scheduler:
             budget -= num_new
         return budget
 
+    def _allocate(self, request: Request, num_new: int) -> list[int] | None:
+        lookahead = 0
+        if request.draft_token_ids and self.limits.num_lookahead_tokens:
+            end = request.num_computed_tokens + num_new
+            lookahead = max(0, min(self.limits.num_lookahead_tokens,
+                                   self.limits.max_model_len - end))
+        return self.kv_cache_manager.allocate_slots(request, num_new,
+                                                    num_lookahead_tokens=lookahead)
+
     def _finishes_in_flight(self, request: Request) -> bool:
         """Its in-flight token reaches a length limit: scheduling more would be waste."""
         if not request.num_output_placeholders:
@@ -163,6 +178,8 @@ class Scheduler:
         if unscheduled is not None:  # scheduled earlier in this step: undo that first
             request.num_computed_tokens -= len(unscheduled.token_ids)
             request.num_output_placeholders -= int(unscheduled.sample)
+        request.draft_token_ids = []  # they were guesses for the tokens it had; it recomputes
+        request.num_drafts_in_flight = 0
         self.kv_cache_manager.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
@@ -182,13 +199,21 @@ class Scheduler:
                 banned += list(request.eos_token_ids)
         end = start + num_new
         token_ids = request.all_token_ids[start:end]
-        if len(token_ids) < num_new:  # tokens the in-flight step is still sampling
+        drafts: list[int] = []
+        if request.draft_token_ids:
+            # Drafts follow the known tokens; a budget cut drops the last ones.
+            drafts = request.draft_token_ids[:max(0, end - request.num_tokens)]
+            request.draft_token_ids = []
+            token_ids += drafts
+        elif len(token_ids) < num_new:  # tokens the in-flight step is still sampling
             token_ids += [PLACEHOLDER_TOKEN_ID] * (num_new - len(token_ids))
-        sample = end == request.num_tokens_with_placeholders
+        sample = end >= request.num_tokens_with_placeholders
         # Computed as soon as scheduled: the next step may be scheduled before
-        # this one's results are back (async scheduling).
+        # this one's results are back (async scheduling). Rejected drafts are
+        # taken back when the results arrive.
         request.num_computed_tokens = end
         request.num_output_placeholders += int(sample)
+        request.num_drafts_in_flight = len(drafts)
         return ScheduledRequest(
             request_id=request.request_id,
             token_ids=token_ids,
@@ -200,6 +225,7 @@ class Scheduler:
             output_token_ids=request.output_token_ids,
             banned_token_ids=banned,
             grammar=request.grammar,
+            draft_token_ids=drafts,
         )
 
     # ------------------------------------------------------------------ update
@@ -214,11 +240,11 @@ class Scheduler:
                 continue
             if request is not scheduler_output.request_objects.get(request_id, request):
                 continue  # the id was reused after the step was launched
-            token_id = runner_output.sampled_token_ids[row]
+            token_ids = runner_output.sampled_token_ids[row]
             request.num_output_placeholders -= 1
-            request.append_output_token(token_id)
+            self._take_back_rejected_drafts(request, len(token_ids) - 1)
+            status, token_ids = self._append_until_stop(request, token_ids)
             logprobs = runner_output.logprobs[row]
-            status = self._check_stop(request, token_id)
             if status is not None:
                 if request.status != RequestStatus.RUNNING:  # preempted while in flight
                     self.waiting.remove(request)
@@ -227,8 +253,8 @@ class Scheduler:
                 self._free(request)
             outputs.append(EngineCoreOutput(
                 request_id=request_id,
-                new_token_ids=[token_id],
-                new_logprobs=[logprobs] if logprobs is not None else None,
+                new_token_ids=token_ids,
+                new_logprobs=logprobs[:len(token_ids)] if logprobs is not None else None,
                 finish_reason=request.status.finish_reason,
                 stop_reason=request.stop_reason,
                 num_cached_tokens=max(request.num_cached_tokens, 0),
@@ -236,6 +262,39 @@ class Scheduler:
         if finished_any:
             self.running = [r for r in self.running if not r.is_finished()]
         return outputs
+
+    def _take_back_rejected_drafts(self, request: Request, num_accepted: int) -> None:
+        """The KV of rejected drafts is invalid: those positions get recomputed."""
+        num_drafted, request.num_drafts_in_flight = request.num_drafts_in_flight, 0
+        if num_drafted:
+            self.spec_stats.record(num_drafted, num_accepted)
+            request.num_computed_tokens -= num_drafted - num_accepted
+
+    def _append_until_stop(self, request: Request,
+                           token_ids: list[int]) -> tuple[RequestStatus | None, list[int]]:
+        """Append a step's tokens up to the first that finishes the request."""
+        for count, token_id in enumerate(token_ids, start=1):
+            request.append_output_token(token_id)
+            status = self._check_stop(request, token_id)
+            if status is not None:
+                return status, token_ids[:count]
+        return None, token_ids
+
+    def draft_candidates(self, scheduler_output: SchedulerOutput) -> list[tuple[Request, int]]:
+        """Requests that sampled in this step and still run, with their draft limits."""
+        candidates = []
+        for item in scheduler_output.scheduled:
+            request = self.requests.get(item.request_id)
+            if (item.sample and request is not None and request.status == RequestStatus.RUNNING
+                    and request is scheduler_output.request_objects.get(item.request_id)):
+                limit = max_num_drafts(request, self.limits.num_speculative_tokens,
+                                       self.limits.max_model_len)
+                candidates.append((request, limit))
+        return candidates
+
+    def set_drafts(self, request: Request, draft_token_ids: list[int]) -> None:
+        """Drafts to verify when the request is next scheduled."""
+        request.draft_token_ids = draft_token_ids
 
     def _check_stop(self, request: Request, token_id: int) -> RequestStatus | None:
         # A stop token wins over the length limit it coincides with: the model

@@ -116,3 +116,138 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# --- EAGLE draft checkpoints ------------------------------------------------------------
+
+_EAGLE3_CONFIG_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads",
+                       "num_key_value_heads", "head_dim", "max_position_embeddings",
+                       "rms_norm_eps", "rope_scaling", "vocab_size", "hidden_act")
+
+
+@dataclass
+class TinyEagleSpec:
+    """A tiny EAGLE draft checkpoint for a given target, in the published tensor names.
+
+    Attributes:
+        version: 1 (EAGLE-1: ``fc`` over [embedding, hidden], ``layers.0.*``, the
+            target's architecture) or 3 (EAGLE-3: ``LlamaForCausalLMEagle3``,
+            ``midlayer.*``, ``norm``, ``lm_head``, ``d2t``/``t2d``).
+        with_embed_tokens: include ``embed_tokens.weight`` (else the target's is shared).
+        model_prefix: write every name with a ``model.`` prefix, as some releases do.
+        fc_bias: include ``fc.bias``.
+        draft_vocab_size: EAGLE-3's reduced vocabulary; None: half the target's.
+        aux_layer_ids: EAGLE-3's ``eagle_config.eagle_aux_hidden_state_layer_ids``;
+            None leaves them out (the engine's default applies).
+        weights: False writes config.json only (for ``load_format: dummy``).
+        seed: of the random weights.
+    """
+
+    version: int = 1
+    with_embed_tokens: bool = False
+    model_prefix: bool = False
+    fc_bias: bool = False
+    draft_vocab_size: int | None = None
+    aux_layer_ids: tuple[int, ...] | None = None
+    weights: bool = True
+    seed: int = 0
+
+
+def make_eagle_checkpoint(path: str | Path, target_path: str | Path,
+                          spec: TinyEagleSpec | None = None) -> Path:
+    """Write an EAGLE-1/EAGLE-3 draft for the checkpoint at ``target_path`` to ``path``
+    (config.json and model.safetensors)."""
+    import json
+
+    spec = spec or TinyEagleSpec()
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    target = json.loads((Path(target_path) / "config.json").read_text())
+    config = _eagle1_config(target) if spec.version == 1 else _eagle3_config(target, spec)
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    if spec.weights:
+        from safetensors.torch import save_file
+
+        tensors = _eagle_tensors(config, target, spec)
+        prefix = "model." if spec.model_prefix else ""
+        save_file({prefix + name: t.contiguous() for name, t in tensors.items()},
+                  str(path / "model.safetensors"))
+    return path
+
+
+def _eagle1_config(target: dict) -> dict:
+    config = dict(target, num_hidden_layers=1)
+    if "layer_types" in config:
+        config["layer_types"] = config["layer_types"][:1]
+    return config
+
+
+def _eagle3_config(target: dict, spec: TinyEagleSpec) -> dict:
+    config = {key: target[key] for key in _EAGLE3_CONFIG_KEYS if target.get(key) is not None}
+    parameters = target.get("rope_parameters") or {}
+    config.update(architectures=["LlamaForCausalLMEagle3"], model_type="llama",
+                  num_hidden_layers=1, tie_word_embeddings=False,
+                  rope_theta=target.get("rope_theta", parameters.get("rope_theta", 10000.0)),
+                  draft_vocab_size=spec.draft_vocab_size or target["vocab_size"] // 2)
+    if spec.aux_layer_ids is not None:
+        config["eagle_config"] = {"eagle_aux_hidden_state_layer_ids": list(spec.aux_layer_ids)}
+    return config
+
+
+def _eagle_tensors(config: dict, target: dict, spec: TinyEagleSpec) -> dict:
+    """Matrices N(0, 0.1), embeddings and lm_head N(0, 1), norm weights near 1 (not
+    exactly 1, so a norm applied to the wrong input shows)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(spec.seed)
+    hidden, vocab = config["hidden_size"], config["vocab_size"]
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    head_dim = config.get("head_dim") or hidden // heads
+    eagle3 = spec.version == 3
+    qwen2 = target.get("model_type") == "qwen2" and not eagle3
+    layer = "midlayer" if eagle3 else "layers.0"
+    attention_input = 2 * hidden if eagle3 else hidden
+    shapes = {"fc.weight": ((3 if eagle3 else 2) * hidden, hidden)}
+    for name, rows in (("q_proj", heads * head_dim), ("k_proj", kv_heads * head_dim),
+                       ("v_proj", kv_heads * head_dim)):
+        shapes[f"{layer}.self_attn.{name}.weight"] = (attention_input, rows)
+        if qwen2:
+            shapes[f"{layer}.self_attn.{name}.bias"] = (rows,)
+    shapes[f"{layer}.self_attn.o_proj.weight"] = (heads * head_dim, hidden)
+    size = config["intermediate_size"]
+    shapes.update({f"{layer}.mlp.gate_proj.weight": (hidden, size),
+                   f"{layer}.mlp.up_proj.weight": (hidden, size),
+                   f"{layer}.mlp.down_proj.weight": (size, hidden)})
+    norms = [f"{layer}.post_attention_layernorm.weight"]
+    if eagle3:
+        norms += [f"{layer}.input_layernorm.weight", f"{layer}.hidden_norm.weight", "norm.weight"]
+    tensors = {}
+    for name, shape in shapes.items():
+        # Sharp attention that outweighs the residual, so a draft depends on which
+        # KV it reads (a paging or position bug changes the tokens).
+        std = 0.3 if ".self_attn." in name else 0.1
+        # (in, out) above reads like the math; nn.Linear stores (out, in).
+        tensors[name] = torch.randn(tuple(reversed(shape)), generator=generator) * std
+    for name in norms:
+        tensors[name] = 1.0 + 0.1 * torch.randn(hidden, generator=generator)
+    if spec.fc_bias:
+        tensors["fc.bias"] = 0.1 * torch.randn(hidden, generator=generator)
+    if spec.with_embed_tokens:
+        tensors["embed_tokens.weight"] = torch.randn(vocab, hidden, generator=generator)
+    if eagle3:
+        tensors.update(_draft_vocabulary(config, generator))
+    return tensors
+
+
+def _draft_vocabulary(config: dict, generator) -> dict:
+    """EAGLE-3's lm_head over a random sorted subset of the target vocabulary, with
+    ``d2t`` (target id = draft id + d2t[draft id]) and ``t2d`` (membership mask)."""
+    import torch
+
+    vocab, draft_vocab = config["vocab_size"], config["draft_vocab_size"]
+    chosen = torch.randperm(vocab, generator=generator)[:draft_vocab].sort().values
+    t2d = torch.zeros(vocab, dtype=torch.bool)
+    t2d[chosen] = True
+    return {"lm_head.weight": torch.randn(draft_vocab, config["hidden_size"],
+                                          generator=generator),
+            "d2t": chosen - torch.arange(draft_vocab), "t2d": t2d}

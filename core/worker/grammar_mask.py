@@ -76,13 +76,21 @@ class GrammarMasks:
         self.next_buffer = 0
         self._filler: ThreadPoolExecutor | None = None
 
-    def start(self, grammars: list[TrackedGrammar | None], vocab_size: int) -> MaskFill:
+    def start(self, grammars: list[TrackedGrammar | None], vocab_size: int,
+              drafts: list[list[int]] | None = None) -> MaskFill:
         """Begin bringing one step's grammars up to date and filling their masks
         (None rows pass unmasked). Nothing else may touch the grammars until
-        ``apply`` has returned."""
+        ``apply`` has returned.
+
+        With ``drafts`` (speculative decoding), row i of ``grammars`` owns
+        ``len(drafts[i]) + 1`` logits rows: one per verified position.
+        """
         bitmask = self._host_buffer(vocab_size)
         if self._filler is None:
             self._filler = ThreadPoolExecutor(1, thread_name_prefix="kvloom-bitmask")
+        if drafts is not None:
+            return MaskFill(bitmask, self._filler.submit(self._fill_along_drafts, grammars,
+                                                         drafts, bitmask))
         return MaskFill(bitmask, self._filler.submit(self._fill, grammars, bitmask))
 
     def apply(self, logits: torch.Tensor, fill: MaskFill) -> torch.Tensor:
@@ -112,6 +120,20 @@ class GrammarMasks:
                                list(range(len(rows))))
         return rows
 
+    def _fill_along_drafts(self, grammars: list[TrackedGrammar | None],
+                           drafts: list[list[int]], bitmask: torch.Tensor) -> list[int]:
+        rows: list[int] = []
+        position = 0
+        for tracked, row_drafts in zip(grammars, drafts):
+            if tracked is not None:
+                tracked.catch_up()
+                if not tracked.grammar.is_terminated():
+                    num_filled = fill_along_drafts(tracked.grammar, row_drafts, bitmask,
+                                                   len(rows))
+                    rows.extend(range(position, position + num_filled))
+            position += len(row_drafts) + 1
+        return rows
+
     def _host_buffer(self, vocab_size: int) -> torch.Tensor:
         num_words = (vocab_size + 31) // 32
         if not self.host_buffers or self.host_buffers[0].shape[1] != num_words:
@@ -121,3 +143,27 @@ class GrammarMasks:
         buffer = self.host_buffers[self.next_buffer]
         self.next_buffer ^= 1
         return buffer
+
+
+def fill_along_drafts(grammar: Grammar, drafts: list[int], bitmask: torch.Tensor,
+                      first_row: int) -> int:
+    """Masks for the position before each draft and after the last one, walking the
+    grammar along the drafts and back; returns how many rows were filled.
+
+    The walk stops at a draft the grammar refuses (its own mask forbids it, so the
+    rejection sampler stops there too) or one that ends the grammar (the request
+    stops there); the positions after it are left unmasked.
+    """
+    grammar.fill_bitmask(bitmask, first_row)
+    num_filled, num_accepted = 1, 0
+    for token_id in drafts:
+        if not grammar.accept_tokens([token_id]):
+            break
+        num_accepted += 1
+        if grammar.is_terminated():
+            break
+        grammar.fill_bitmask(bitmask, first_row + num_filled)
+        num_filled += 1
+    if num_accepted:
+        grammar.rollback(num_accepted)
+    return num_filled

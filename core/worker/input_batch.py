@@ -26,8 +26,9 @@ class ModelInputs:
         input_ids / positions: [num_tokens] on the device (padded to a CUDA
             graph's batch size when one is used).
         attention: the ragged layout for the attention backend.
-        logits_indices: [num_sampled] rows of the hidden states to turn into
-            logits (the last token of each request that samples).
+        logits_indices: rows of the hidden states to turn into logits: the
+            last token of each request that samples, or with drafts its last
+            ``1 + len(draft_token_ids)`` tokens (one per position to verify).
         sampled_rows: indices into the scheduled list of those requests.
         num_tokens: real (unpadded) token count.
         placeholder_indices / placeholder_rows: token positions whose id the
@@ -65,7 +66,7 @@ class InputBuffers:
         self.query_start_loc = pair((max_num_seqs + 1,), torch.int32)
         self.seq_lens = pair((max_num_seqs,), torch.int32)
         self.block_tables = pair((max_num_seqs, max_blocks_per_seq), torch.int32)
-        self.logits_indices = pair((max_num_seqs,), torch.int64)
+        self.logits_indices = pair((max(max_num_tokens, max_num_seqs),), torch.int64)
         # Which block list each host block-table row holds, so rows whose request and
         # blocks are unchanged since the last step are not rewritten (the lists are
         # replaced, never edited in place, when a request gets new blocks).
@@ -124,10 +125,9 @@ class InputBuffers:
         placeholder_indices = np.flatnonzero(input_ids[:num_tokens] < 0)
 
         sampled_rows = [row for row, item in enumerate(scheduled) if item.sample]
-        logits_indices = self.logits_indices[0].numpy()
-        logits_indices[:len(sampled_rows)] = query_start[1:][sampled_rows] - 1
+        num_logits = self._fill_logits_indices(scheduled, sampled_rows, query_start)
 
-        self._upload(padded_tokens, padded_seqs, width, len(sampled_rows))
+        self._upload(padded_tokens, padded_seqs, width, num_logits)
         max_query_len = int(query_lens.max()) if num_seqs else 0
         attention = AttentionInputs(
             query_start_loc=self.query_start_loc[1][:padded_seqs + 1],
@@ -141,9 +141,24 @@ class InputBuffers:
             num_decode_tokens=int((query_lens == 1).sum()),
         )
         return ModelInputs(self.input_ids[1][:padded_tokens], self.positions[1][:padded_tokens],
-                           attention, self.logits_indices[1][:len(sampled_rows)], sampled_rows,
+                           attention, self.logits_indices[1][:num_logits], sampled_rows,
                            num_tokens, placeholder_indices,
                            request_of_token[placeholder_indices])
+
+    def _fill_logits_indices(self, scheduled: list[ScheduledRequest], sampled_rows: list[int],
+                             query_start: np.ndarray) -> int:
+        logits_indices = self.logits_indices[0].numpy()
+        last_tokens = query_start[1:][sampled_rows] - 1
+        if not any(scheduled[row].draft_token_ids for row in sampled_rows):
+            logits_indices[:len(sampled_rows)] = last_tokens
+            return len(sampled_rows)
+        counts = np.fromiter((1 + len(scheduled[row].draft_token_ids) for row in sampled_rows),
+                             np.int64, len(sampled_rows))
+        total = int(counts.sum())
+        first = np.repeat(last_tokens - counts + 1, counts)
+        offsets = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
+        logits_indices[:total] = first + offsets
+        return total
 
     def prepare_padding_only(self, num_seqs: int) -> ModelInputs:
         """A decode batch of ``num_seqs`` padding sequences (for capturing CUDA graphs)."""

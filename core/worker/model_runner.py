@@ -7,6 +7,7 @@ import logging
 import torch
 
 from kvloom.interfaces.attention import AttentionBackend
+from kvloom.interfaces.drafter import Drafter
 from kvloom.interfaces.sampler import Sampler
 from kvloom.sampling_params import SamplingParams
 from kvloom.scheduler.output import ScheduledRequest, SchedulerOutput
@@ -15,6 +16,7 @@ from kvloom.worker.grammar_mask import FillBitmasks, GrammarMasks, MaskFill, fil
 from kvloom.worker.input_batch import InputBuffers, ModelInputs
 from kvloom.worker.runner_output import ModelRunnerOutput, PendingRunnerOutput
 from kvloom.worker.sampling import SampledTokenStore, SamplingState
+from kvloom.worker.spec_decode import DraftCandidate, SpeculativeDecoder
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +26,9 @@ class ModelRunner:
 
     def __init__(self, model: torch.nn.Module, attention_backend: AttentionBackend,
                  sampler: Sampler, buffers: InputBuffers, block_size: int,
-                 device: torch.device, fill_bitmasks: FillBitmasks = fill_one_by_one) -> None:
+                 device: torch.device, fill_bitmasks: FillBitmasks = fill_one_by_one,
+                 drafter: Drafter | None = None, num_speculative_tokens: int = 0,
+                 vocab_size: int = 0) -> None:
         self.model = model
         self.attention_backend = attention_backend
         self.sampler = sampler
@@ -35,7 +39,14 @@ class ModelRunner:
         self.sampling_state = SamplingState(device)
         self.sampled_tokens = SampledTokenStore(buffers.max_num_seqs, device)
         self.cuda_graphs: CudaGraphDecoder | None = None
-        self.grammar_masks = GrammarMasks(buffers.max_num_seqs, device, fill_bitmasks)
+        # With drafts, a request has a mask row per verified position.
+        self.grammar_masks = GrammarMasks(buffers.max_num_seqs * (1 + num_speculative_tokens),
+                                          device, fill_bitmasks)
+        self.speculative = None
+        if drafter is not None:
+            self.speculative = SpeculativeDecoder(drafter, sampler, self.sampling_state,
+                                                  vocab_size, block_size, device)
+        self.drafter_kv_caches: list[torch.Tensor] = []
 
     def initialize_kv_caches(self, kv_caches: list[torch.Tensor]) -> None:
         self.kv_caches = kv_caches
@@ -69,8 +80,9 @@ class ModelRunner:
         rows = [scheduled[row] for row in inputs.sampled_rows]
         if any(row.grammar is not None for row in rows):
             grammars = [row.grammar for row in rows]
+            drafts = [row.draft_token_ids for row in rows] if self.speculative else None
             return PendingRunnerOutput(
-                start_masks=lambda: self.grammar_masks.start(grammars, logits.shape[1]),
+                start_masks=lambda: self.grammar_masks.start(grammars, logits.shape[1], drafts),
                 deferred_sample=lambda mask_fill: self._sample(rows, logits, mask_fill))
         return self._sample(rows, logits)
 
@@ -79,10 +91,26 @@ class ModelRunner:
                 mask_fill: MaskFill | None = None) -> PendingRunnerOutput:
         if mask_fill is not None:
             logits = self.grammar_masks.apply(logits, mask_fill)
+        if self.speculative is not None:
+            return self.speculative.verify(rows, logits)
         output = self.sampler.sample(logits, self.sampling_state.metadata_for(rows))
         return self.sampled_tokens.record(rows, output)
 
+    @torch.inference_mode()
+    def propose_drafts(self, candidates: list[DraftCandidate]) -> list[list[int]]:
+        """Drafts for the next step of requests that just sampled (speculative decoding)."""
+        return self.speculative.propose(candidates)
+
     def _forward(self, scheduled: list[ScheduledRequest]) -> tuple[torch.Tensor, ModelInputs]:
+        hidden, inputs = self._run_model(scheduled)
+        aux: tuple[torch.Tensor, ...] = ()
+        if isinstance(hidden, tuple):  # the model also returns layers an EAGLE-3 drafter reads
+            hidden, aux = hidden
+        if self.speculative is not None:
+            self.speculative.remember(scheduled, inputs, hidden, aux)
+        return hidden, inputs
+
+    def _run_model(self, scheduled: list[ScheduledRequest]):
         padded = self._graph_size_for(scheduled)
         inputs = self.buffers.prepare(scheduled, self.block_size, pad_to=padded)
         if len(inputs.placeholder_indices):
@@ -120,6 +148,8 @@ class ModelRunner:
         inputs = self.buffers.prepare([prompt], self.block_size)
         metadata = self.attention_backend.build_metadata(inputs.attention)
         hidden = self.model(inputs.input_ids, inputs.positions, caches, metadata)
+        if isinstance(hidden, tuple):  # (hidden states, EAGLE-3 auxiliary layers)
+            hidden = hidden[0]
         rows = [ScheduledRequest(f"profile-{i}", [0], 0, [0], True,
                                  SamplingParams(temperature=1.0, top_p=0.9, top_k=50,
                                                 presence_penalty=0.1, logprobs=5),

@@ -11,11 +11,15 @@ from kvloom.scheduler.output import SampleLogprobs
 
 @dataclass(slots=True)
 class ModelRunnerOutput:
-    """Sampled tokens for the requests that sampled this step, in schedule order."""
+    """Sampled tokens for the requests that sampled this step, in schedule order.
+
+    Each row has one token, or with speculative decoding the accepted drafts
+    followed by one token of the target's own.
+    """
 
     request_ids: list[str]
-    sampled_token_ids: list[int]
-    logprobs: list[SampleLogprobs | None]
+    sampled_token_ids: list[list[int]]
+    logprobs: list[list[SampleLogprobs] | None]
 
 
 class PendingRunnerOutput:

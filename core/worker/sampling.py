@@ -32,7 +32,7 @@ class SamplingState:
         floats = torch.from_numpy(floats).to(self.device, non_blocking=True)
         top_k = torch.tensor([p.top_k for p in params], dtype=torch.int64).to(
             self.device, non_blocking=True)
-        generators = {index: self._generator_for(row) for index, row in enumerate(rows)
+        generators = {index: self.generator_for(row) for index, row in enumerate(rows)
                       if row.sampling_params.seed is not None
                       and not row.sampling_params.is_greedy}
         num_logprobs = [p.logprobs for p in params if p.logprobs is not None]
@@ -54,7 +54,7 @@ class SamplingState:
             any_top_k_top_p=any(p.top_k > 0 or p.top_p < 1.0 for p in params),
         )
 
-    def _generator_for(self, row: ScheduledRequest) -> torch.Generator:
+    def generator_for(self, row: ScheduledRequest) -> torch.Generator:
         generator = self.request_to_generator.get(row.request_id)
         if generator is None:
             generator = torch.Generator(device=self.device)
@@ -114,7 +114,7 @@ class SampledTokenStore:
 
 def to_runner_output(rows: list[ScheduledRequest], output: SamplerOutput,
                      sampled: list[int]) -> ModelRunnerOutput:
-    logprobs: list[SampleLogprobs | None] = [None] * len(rows)
+    logprobs: list[list[SampleLogprobs] | None] = [None] * len(rows)
     if output.logprob_token_ids is not None:
         token_ids = output.logprob_token_ids.tolist()
         values = output.logprobs.tolist()
@@ -122,6 +122,7 @@ def to_runner_output(rows: list[ScheduledRequest], output: SamplerOutput,
         for index, row in enumerate(rows):
             count = row.sampling_params.logprobs
             if count is not None:
-                logprobs[index] = SampleLogprobs(token_ids[index][:1 + count],
-                                                 values[index][:1 + count], ranks[index])
-    return ModelRunnerOutput([row.request_id for row in rows], sampled, logprobs)
+                logprobs[index] = [SampleLogprobs(token_ids[index][:1 + count],
+                                                  values[index][:1 + count], ranks[index])]
+    return ModelRunnerOutput([row.request_id for row in rows], [[token] for token in sampled],
+                             logprobs)

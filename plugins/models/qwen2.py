@@ -100,13 +100,20 @@ class Qwen2Model(nn.Module):
         self.layers = nn.ModuleList(
             layer_cls(config, context, index) for index in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, context.dtype)
+        self.aux_hidden_state_layers: tuple[int, ...] = ()
 
-    def forward(self, input_ids, positions, kv_caches, metadata) -> torch.Tensor:
+    def forward(self, input_ids, positions, kv_caches, metadata):
         hidden_states = self.embed_tokens(input_ids)
         residual = None
-        for layer in self.layers:
+        aux_hidden_states = []
+        for index, layer in enumerate(self.layers):
+            if index in self.aux_hidden_state_layers:
+                aux_hidden_states.append(hidden_states if residual is None
+                                         else hidden_states + residual)
             hidden_states, residual = layer(positions, hidden_states, residual, kv_caches, metadata)
         hidden_states, _ = self.norm(hidden_states, residual)
+        if self.aux_hidden_state_layers:
+            return hidden_states, tuple(aux_hidden_states)
         return hidden_states
 
 
@@ -136,6 +143,11 @@ class Qwen2ForCausalLM(nn.Module):
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden_states)
+
+    def set_aux_hidden_state_layers(self, layers: tuple[int, ...]) -> None:
+        """From now on ``forward`` returns ``(hidden_states, aux)``, where aux holds the
+        input of each listed decoder layer (EAGLE-3 drafts from them)."""
+        self.model.aux_hidden_state_layers = tuple(layers)
 
     def attention_spec(self) -> AttentionSpec:
         return self.model.layers[0].self_attn.attn.spec

@@ -45,7 +45,14 @@ class DefaultSampler(Sampler):
             return SamplerOutput(sampled)
         return _gather_logprobs(raw_logprobs, sampled, metadata.max_num_logprobs)
 
-    def _sample_random(self, logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
+    def probabilities(self, logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
+        logits = _ban_tokens(logits, metadata.banned_token_ids)
+        if not metadata.no_penalties:
+            logits = apply_penalties(logits, metadata)
+        return self._filtered_probs(logits, metadata)
+
+    def _filtered_probs(self, logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
+        """Temperature, min-p, top-k and top-p, then softmax (greedy rows at temperature 1)."""
         temperature = torch.where(metadata.temperature < _SAMPLING_EPS, 1.0, metadata.temperature)
         logits = logits / temperature.unsqueeze(1)
         if _flag(metadata.any_min_p, lambda: (metadata.min_p > 0).any()):
@@ -53,7 +60,10 @@ class DefaultSampler(Sampler):
         if _flag(metadata.any_top_k_top_p,
                  lambda: (metadata.top_k > 0).any() | (metadata.top_p < 1.0).any()):
             logits = apply_top_k_top_p(logits, metadata.top_k, metadata.top_p)
-        probs = torch.softmax(logits, dim=-1)
+        return torch.softmax(logits, dim=-1)
+
+    def _sample_random(self, logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
+        probs = self._filtered_probs(logits, metadata)
         noise = torch.empty_like(probs).exponential_()
         for row, generator in metadata.generators.items():
             noise[row].exponential_(generator=generator)

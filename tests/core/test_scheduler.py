@@ -66,7 +66,7 @@ class Harness:
         self._run_fake_model(out)
         sampled = [item for item in out.scheduled if item.sample]
         runner_output = ModelRunnerOutput([item.request_id for item in sampled],
-                                          [self.sample(item) for item in sampled],
+                                          [[self.sample(item)] for item in sampled],
                                           [None] * len(sampled))
         results = self.scheduler.update_from_output(out, runner_output)
         for result in results:
