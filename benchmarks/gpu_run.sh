@@ -31,5 +31,6 @@ for model in $MODELS; do
     [[ $STEPS == *profile* ]] && step "profile_$model" 240 python3 benchmarks/profile_step.py --model "$model" --batch 1 256 --steps 20
     [[ $STEPS == *serve* ]] && step "serve_$model" 400 python3 benchmarks/serve.py --model "$model" --json "$OUT/serve_$model.json"
     [[ $STEPS == *structured* ]] && step "structured_$model" 500 python3 benchmarks/structured_output.py --model "$model" --tokenizer "${TOKENIZER:-.bench-tokenizer}" ${STRUCTURED_ARGS:-} --json "$OUT/structured_$model.json"
+    [[ $STEPS == *spec* ]] && step "spec_$model" 560 python3 benchmarks/spec_decode.py --model "$model" ${SPEC_ARGS:-} --json "$OUT/spec_$model.json"
     [[ $STEPS == *throughput* ]] && step "throughput_$model" 560 python3 benchmarks/throughput.py --model "$model" ${THROUGHPUT_ARGS:-} --json "$OUT/throughput_$model.json"
 done
