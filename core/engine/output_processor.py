@@ -186,8 +186,10 @@ def _update_text(sequence: SequenceState, core_output: EngineCoreOutput,
     if core_output.finish_reason == "stop" and not params.include_stop_str_in_output:
         token_ids = token_ids[:-1]
     search_start = len(sequence.text)
+    text_lengths = []  # the text's length after each new token
     for num_tokens, token_id in enumerate(token_ids, start=num_previous_tokens + 1):
         sequence.text += sequence.detokenizer.add_tokens([token_id])
+        text_lengths.append(len(sequence.text))
         if num_tokens <= params.min_tokens:
             search_start = len(sequence.text)
     if not params.stop_strings or len(sequence.token_ids) <= params.min_tokens:
@@ -195,15 +197,25 @@ def _update_text(sequence: SequenceState, core_output: EngineCoreOutput,
     stop = find_stop_string(sequence.text, search_start, params)
     if stop is None:
         return False
-    stop_string, cut = stop
+    stop_string, cut, stop_end = stop
     sequence.text = sequence.text[:cut]
     sequence.finish_reason, sequence.stop_reason = "stop", stop_string
+    # A step may bring several tokens (speculative decoding): drop those after the
+    # one that completed the stop string, as if generation had stopped there.
+    completing = next(i for i, length in enumerate(text_lengths) if length >= stop_end)
+    keep = num_previous_tokens + completing + 1
+    if sequence.logprobs is not None:
+        for token_id, position in zip(sequence.token_ids[keep:], sequence.logprobs[keep:]):
+            sequence.cumulative_logprob -= position[token_id].logprob
+        del sequence.logprobs[keep:]
+    del sequence.token_ids[keep:]
     return True
 
 
 def find_stop_string(text: str, previous_length: int,
-                     params: SamplingParams) -> tuple[str, int] | None:
-    """The first stop string in the newly grown part of ``text`` and where to cut."""
+                     params: SamplingParams) -> tuple[str, int, int] | None:
+    """The first stop string in the newly grown part of ``text``, where to cut the
+    text, and where the stop string ends."""
     best = None
     for stop in params.stop_strings:
         start = max(0, previous_length - len(stop) + 1)
@@ -213,5 +225,5 @@ def find_stop_string(text: str, previous_length: int,
     if best is None:
         return None
     stop, position = best
-    cut = position + len(stop) if params.include_stop_str_in_output else position
-    return stop, cut
+    end = position + len(stop)
+    return stop, end if params.include_stop_str_in_output else position, end

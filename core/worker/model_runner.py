@@ -45,7 +45,8 @@ class ModelRunner:
         self.speculative = None
         if drafter is not None:
             self.speculative = SpeculativeDecoder(drafter, sampler, self.sampling_state,
-                                                  vocab_size, block_size, device)
+                                                  self.sampled_tokens, vocab_size, block_size,
+                                                  device)
         self.drafter_kv_caches: list[torch.Tensor] = []
 
     def initialize_kv_caches(self, kv_caches: list[torch.Tensor]) -> None:

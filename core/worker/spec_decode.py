@@ -26,7 +26,7 @@ from kvloom.scheduler.output import SampleLogprobs, ScheduledRequest
 from kvloom.worker.input_batch import ModelInputs
 from kvloom.worker.rejection_sampler import rejection_sample
 from kvloom.worker.runner_output import ModelRunnerOutput, PendingRunnerOutput
-from kvloom.worker.sampling import SamplingState
+from kvloom.worker.sampling import SampledTokenStore, SamplingState
 
 
 @dataclass(slots=True)
@@ -74,10 +74,12 @@ class SpeculativeDecoder:
     """Verifies drafts with the rejection sampler and keeps the step for the drafter."""
 
     def __init__(self, drafter: Drafter, sampler: Sampler, sampling_state: SamplingState,
-                 vocab_size: int, block_size: int, device: torch.device) -> None:
+                 sampled_tokens: SampledTokenStore, vocab_size: int, block_size: int,
+                 device: torch.device) -> None:
         self.drafter = drafter
         self.sampler = sampler
         self.sampling_state = sampling_state
+        self.sampled_tokens = sampled_tokens
         self.vocab_size = vocab_size
         self.block_size = block_size
         self.device = device
@@ -93,6 +95,9 @@ class SpeculativeDecoder:
         ``logits`` has one row per position (see ``position_rows``), already
         masked for structured output.
         """
+        if not any(row.draft_token_ids for row in rows):  # plain sampling, one token each
+            output = self.sampler.sample(logits, self.sampling_state.metadata_for(rows))
+            return self._keeping_output(self.sampled_tokens.record(rows, output))
         expanded = position_rows(rows)
         metadata = self.sampling_state.metadata_for(expanded)
         # The token ``sample`` picks greedily (penalties and bans applied), drawing no randomness.
@@ -130,11 +135,20 @@ class SpeculativeDecoder:
                 copied.synchronize()
             counts = counts_host.tolist()
             sampled = [ids[:count] for ids, count in zip(tokens_host.tolist(), counts)]
-            output = ModelRunnerOutput([row.request_id for row in rows], sampled,
-                                       _host_logprobs(rows, counts, logprobs))
-            if self.last_step is not None:
-                self.last_step.output = output
-            return output
+            return ModelRunnerOutput([row.request_id for row in rows], sampled,
+                                     _host_logprobs(rows, counts, logprobs))
+
+        return self._keeping_output(PendingRunnerOutput(wait))
+
+    def _keeping_output(self, pending: PendingRunnerOutput) -> PendingRunnerOutput:
+        """Record the step's tokens for the drafter once they reach the host."""
+        step = self.last_step
+        if step is None:
+            return pending
+
+        def wait() -> ModelRunnerOutput:
+            step.output = pending.result()
+            return step.output
 
         return PendingRunnerOutput(wait)
 

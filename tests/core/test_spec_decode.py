@@ -211,3 +211,26 @@ def test_structured_output_with_drafts_equals_without(tiny_qwen2, drafter):
         assert stats.spec_num_accepted_tokens > 0
     text = llm.engine.tokenizer.decode(reference[0], skip_special_tokens=True)
     assert set(json.loads(text)) == {"n", "tag"}
+
+
+def test_stop_strings_cut_tokens_accepted_past_them(tiny_qwen2):
+    """A step brings several tokens; those after the one completing a stop string go."""
+    prompts = ["The quick brown fox", "Hello, my name is", "Paged attention keeps"]
+    plain = make_llm(tiny_qwen2)
+    free = plain.generate(prompts, SamplingParams(temperature=0, max_tokens=30))
+    stops = [r.outputs[0].text[5:7] for r in free]
+    params = [SamplingParams(temperature=0, max_tokens=30, stop=[stop], logprobs=1)
+              for stop in stops]
+    expected = plain.generate(prompts, params)
+    continuations = {tuple(r.prompt_token_ids): r.outputs[0].token_ids for r in free}
+    spec = make_llm(tiny_qwen2, {"method": "scripted", "num_speculative_tokens": 4},
+                    scripted_plugins(continuations, wrong=False))
+    got = spec.generate(prompts, params)
+    for want, have in zip(expected, got):
+        want_seq, have_seq = want.outputs[0], have.outputs[0]
+        assert have_seq.finish_reason == want_seq.finish_reason == "stop"
+        assert (have_seq.text, have_seq.token_ids) == (want_seq.text, want_seq.token_ids)
+        assert len(have_seq.logprobs) == len(have_seq.token_ids)
+        assert have_seq.cumulative_logprob == pytest.approx(want_seq.cumulative_logprob,
+                                                            abs=1e-3)
+    assert spec.engine.get_stats().spec_num_accepted_tokens > 0

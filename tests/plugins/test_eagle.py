@@ -128,9 +128,22 @@ def next_token_of(row: Row, logits: torch.Tensor, last_kept: int) -> int:
     return int(logits[last_kept].argmax())
 
 
+def record_head_outputs(head) -> list[torch.Tensor]:
+    """Every hidden state the head turns into draft tokens, one tensor per draft pass."""
+    calls, original = [], head.draft_token_ids
+
+    def recording(hidden):
+        calls.append(hidden.clone())
+        return original(hidden)
+
+    head.draft_token_ids = recording
+    return calls
+
+
 @torch.inference_mode()
-def run_step(harness: Harness, rows: list[Row]) -> list[list[int]]:
-    """Target forward, then propose; returns the drafts of the drafting rows, in order."""
+def run_step(harness: Harness, rows: list[Row]) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """Target forward, then propose; returns the drafts of the drafting rows, in order,
+    and the head's output hidden states of each draft pass."""
     attention, positions = paged_layout(rows)
     input_ids = torch.tensor([t for row in rows for t in row.query], dtype=torch.int64)
     out = harness.target(input_ids, positions, harness.target_caches,
@@ -145,13 +158,15 @@ def run_step(harness: Harness, rows: list[Row]) -> list[list[int]]:
                       torch.tensor(next_ids), np.array(drafting, dtype=np.int64), BLOCK_SIZE)
     inputs = DraftInputs([f"r{i}" for i in drafting], [[] for _ in drafting],
                          [rows[i].max_drafts for i in drafting], step)
+    head_outputs = record_head_outputs(harness.drafter.head)
     drafts = harness.drafter.propose(inputs)
+    del harness.drafter.head.draft_token_ids
     head_inputs = torch.cat(aux, dim=-1) if aux else hidden
     for i, row in enumerate(rows):
         row.sequence.tokens += row.query[:kept[i]]
         row.sequence.head_inputs += list(head_inputs[starts[i]:starts[i] + kept[i]])
         row.sequence.next_token = next_ids[i]
-    return drafts
+    return drafts, head_outputs
 
 
 # --- EAGLE in plain torch, dense over whole sequences ---------------------------------
@@ -175,17 +190,19 @@ class DenseEagle:
         self.head_dim = config["hidden_size"] // self.heads
         self.theta = config.get("rope_theta") or config["rope_parameters"]["rope_theta"]
 
-    def draft(self, tokens: list[int], target_inputs: torch.Tensor, k: int) -> list[int]:
-        """tokens[i] and target_inputs[i] feed position i (hidden / concatenated aux)."""
+    def draft(self, tokens: list[int], target_inputs: torch.Tensor,
+              k: int) -> tuple[list[int], list[torch.Tensor]]:
+        """tokens[i] and target_inputs[i] feed position i (hidden / concatenated aux);
+        returns k greedy drafts and the output hidden state each came from."""
         tokens = list(tokens)
         carried = self.linear(target_inputs, "fc") if self.eagle3 else target_inputs
-        drafts = []
+        drafts, outputs = [], []
         for _ in range(k):
-            last = self.forward(tokens, carried)[-1]
-            drafts.append(self.next_token(last))
+            outputs.append(self.forward(tokens, carried)[-1])
+            drafts.append(self.next_token(outputs[-1]))
             tokens.append(drafts[-1])
-            carried = torch.cat([carried, last[None]])
-        return drafts
+            carried = torch.cat([carried, outputs[-1][None]])
+        return drafts, outputs
 
     def forward(self, tokens: list[int], carried: torch.Tensor) -> torch.Tensor:
         p, w = self.prefix, self.w
@@ -235,7 +252,8 @@ class DenseEagle:
         return draft_id + int(self.w["d2t"][draft_id])
 
 
-def expected_drafts(reference: DenseEagle, sequence: Sequence, k: int) -> list[int]:
+def expected_drafts(reference: DenseEagle, sequence: Sequence,
+                    k: int) -> tuple[list[int], list[torch.Tensor]]:
     tokens = sequence.tokens[1:] + [sequence.next_token]
     return reference.draft(tokens, torch.stack(sequence.head_inputs), k)
 
@@ -357,24 +375,34 @@ def test_drafts_match_dense_reference(tmp_path, targets, scenario):
     c = Sequence(c_prompt[:8], [4, 10, 19, 7, 33, 35])
     seen = []
 
-    def check(rows: list[Row], drafts: list[list[int]]) -> None:
+    def check(rows: list[Row], result) -> list[list[int]]:
+        drafts, head_outputs = result
         drafting = [row for row in rows if row.max_drafts is not None]
-        assert [len(d) for d in drafts] == [row.max_drafts for row in drafting]
-        for row, got in zip(drafting, drafts):
-            assert got == expected_drafts(reference, row.sequence, row.max_drafts)
-            seen.extend(got)
+        limits = [row.max_drafts for row in drafting]
+        assert [len(d) for d in drafts] == limits
+        expected = [expected_drafts(reference, row.sequence, row.max_drafts) for row in drafting]
+        assert drafts == [tokens for tokens, _ in expected]
+        # Hidden states too: a KV or position slip that leaves the argmax alone shows here.
+        assert len(head_outputs) == max(limits)
+        for s, outputs in enumerate(head_outputs):
+            active = [i for i, limit in enumerate(limits) if limit > s]
+            got = outputs[active] if s == 0 else outputs
+            torch.testing.assert_close(got, torch.stack([expected[i][1][s] for i in active]),
+                                       rtol=1e-3, atol=1e-3)
+        seen.extend(token for tokens in drafts for token in tokens)
+        return drafts
 
     # 1. prefill both prompts (b may draft only 2).
     rows = [Row(a, a.prompt, max_drafts=3), Row(b, b.prompt, max_drafts=2)]
-    a_drafts, b_drafts = drafts = run_step(harness, rows)
-    check(rows, drafts)
-    # 2. verify: a keeps 2 of its 3 drafts, b none; c's first prompt chunk rides along.
-    rows = [Row(a, [a.next_token] + a_drafts, num_kept=3, max_drafts=3),
+    a_drafts, b_drafts = check(rows, run_step(harness, rows))
+    # 2. verify: a keeps 2 of its 3 drafts, b none; c's first prompt chunk rides along
+    #    between them (so draft requests and batch rows are numbered differently).
+    rows = [Row(a, [a.next_token] + a_drafts, num_kept=3, max_drafts=2),
             Row(c, c.prompt[:5]),
-            Row(b, [b.next_token] + b_drafts, num_kept=1, max_drafts=1)]
-    a_drafts, b_drafts = drafts = run_step(harness, rows)
-    check(rows, drafts)
-    # 3. c finishes its prompt and drafts from KV its first chunk left; a keeps all.
+            Row(b, [b.next_token] + b_drafts, num_kept=1, max_drafts=3)]
+    a_drafts, b_drafts = check(rows, run_step(harness, rows))
+    # 3. c finishes its prompt and drafts from KV its first chunk left; a keeps all;
+    #    b keeps one of three and may not draft.
     rows = [Row(c, c.prompt[5:], max_drafts=3),
             Row(a, [a.next_token] + a_drafts, max_drafts=3),
             Row(b, [b.next_token] + b_drafts, num_kept=2, max_drafts=0)]
@@ -404,6 +432,7 @@ def test_dummy_head_proposes(tmp_path, targets, method, layers, weights_from, he
     sequences = [Sequence(p, [i * 8 + j for j in range(8)])
                  for i, p in enumerate(prompts(3, 7, seed=1))]
     limits = [3, 0, 2]
-    drafts = run_step(harness, [Row(s, s.prompt, max_drafts=m) for s, m in zip(sequences, limits)])
+    drafts, _ = run_step(harness, [Row(s, s.prompt, max_drafts=m)
+                                   for s, m in zip(sequences, limits)])
     assert [len(d) for d in drafts] == limits
     assert all(0 <= token < 384 for d in drafts for token in d)

@@ -50,7 +50,16 @@ class ServerMetrics(EngineObserver):
         self.inter_token = histogram("inter_token_latency_seconds",
                                      "Time between successive outputs of a request.")
         self.e2e = histogram("e2e_request_latency_seconds", "Arrival to last token.")
+        self.spec_counters = {
+            "spec_num_drafts": counter("spec_decode_num_drafts",
+                                       "Verified rows that carried draft tokens."),
+            "spec_num_draft_tokens": counter("spec_decode_num_draft_tokens",
+                                             "Draft tokens verified."),
+            "spec_num_accepted_tokens": counter("spec_decode_num_accepted_tokens",
+                                                "Draft tokens accepted."),
+        }
         self._last_preemptions = 0
+        self._last_spec = dict.fromkeys(self.spec_counters, 0)
 
     # --------------------------------------------------------------- observer
     def on_step(self, stats: EngineStats) -> None:
@@ -63,6 +72,11 @@ class ServerMetrics(EngineObserver):
         if stats.num_preemptions > self._last_preemptions:
             self.num_preemptions.inc(stats.num_preemptions - self._last_preemptions)
         self._last_preemptions = stats.num_preemptions
+        for name, metric in self.spec_counters.items():
+            value = getattr(stats, name)
+            if value > self._last_spec[name]:
+                metric.inc(value - self._last_spec[name])
+            self._last_spec[name] = value
 
     def on_first_token(self, seconds_since_arrival: float) -> None:
         self.ttft.observe(seconds_since_arrival)
