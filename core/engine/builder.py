@@ -129,6 +129,9 @@ def _build_drafter(config: EngineConfig, registries: Registries, platform: Platf
     speculative = config.speculative
     if speculative is None:
         return None
+    if speculative.model is not None:  # an alias or hub id becomes a local path
+        speculative = speculative.model_copy(
+            update={"model": resolve_model(speculative.model, cache_dir())})
     context = DrafterContext(model, hf_config, backend, dtype, platform.device(),
                              config.cache.block_size, max_model_len)
     drafter = registries["drafter"].create(speculative.method, speculative, context)

@@ -171,11 +171,16 @@ class SpeculativeDecoder:
     def propose(self, candidates: list[DraftCandidate]) -> list[list[int]]:
         """Drafts for each candidate, checked against its limit and the vocabulary."""
         limits = [candidate.max_num_drafts for candidate in candidates]
-        if not candidates or not any(limits):
-            return [[] for _ in candidates]
         target = None
         if self.drafter.uses_target_hidden_states:
+            if self.last_step is None:
+                return [[] for _ in candidates]
+            # Called even with nothing to draft: the drafter writes its own KV for
+            # every position the target computed (prompt chunks included).
             target = self._target_step([c.request_id for c in candidates])
+            self.last_step = None
+        elif not any(limits):
+            return [[] for _ in candidates]
         inputs = DraftInputs([c.request_id for c in candidates],
                              [c.token_ids for c in candidates], limits, target)
         drafts = self.drafter.propose(inputs)
@@ -195,14 +200,14 @@ class SpeculativeDecoder:
 
     def _target_step(self, request_ids: list[str]) -> TargetStep:
         step = self.last_step
-        if step is None or step.output is None:
-            raise RuntimeError("a model-based drafter needs the verified step; none is kept")
+        # A step of prompt chunks only samples nothing and has no output.
+        output = step.output or ModelRunnerOutput([], [], [])
         scheduled, inputs = step.scheduled, step.inputs
         query_start = inputs.attention.query_start_loc_cpu.numpy()[:len(scheduled) + 1]
         query_lens = np.diff(query_start)
         num_kept = query_lens.copy()
         next_tokens = np.zeros(len(scheduled), dtype=np.int64)
-        sampled_row_of = {rid: i for i, rid in enumerate(step.output.request_ids)}
+        sampled_row_of = {rid: i for i, rid in enumerate(output.request_ids)}
         for row, item in enumerate(scheduled):
             index = sampled_row_of.get(item.request_id)
             if index is None:  # a prompt chunk: the next prompt (or recomputed output) token
@@ -210,7 +215,7 @@ class SpeculativeDecoder:
                 history = item.prompt_token_ids + item.output_token_ids
                 next_tokens[row] = history[known] if known < len(history) else 0
                 continue
-            tokens = step.output.sampled_token_ids[index]
+            tokens = output.sampled_token_ids[index]
             num_kept[row] -= len(item.draft_token_ids) - (len(tokens) - 1)
             next_tokens[row] = tokens[-1]
         row_of = {item.request_id: row for row, item in enumerate(scheduled)}

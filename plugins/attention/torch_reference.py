@@ -79,8 +79,12 @@ class TorchReferenceAttention(AttentionImpl):
 
 def write_kv_cache(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                    slot_mapping: torch.Tensor) -> None:
-    """Store new keys/values at their slots (slot = block_id * block_size + offset)."""
+    """Store new keys/values at their slots (slot = block_id * block_size + offset);
+    slot -1 (padding) writes nothing."""
     num_kv_heads, head_size = kv_cache.shape[-2:]
+    keep = slot_mapping >= 0
+    if not bool(keep.all()):
+        slot_mapping, key, value = slot_mapping[keep], key[keep], value[keep]
     kv_cache[0].view(-1, num_kv_heads, head_size)[slot_mapping] = key.to(kv_cache.dtype)
     kv_cache[1].view(-1, num_kv_heads, head_size)[slot_mapping] = value.to(kv_cache.dtype)
 

@@ -89,7 +89,15 @@ class TritonAttentionBackend(AttentionBackend):
         return (2, num_blocks, spec.block_size, spec.num_kv_heads, spec.head_size)
 
     def make_impl(self, spec: AttentionSpec, scale: float) -> AttentionImpl:
-        self.spec = spec
+        # The per-step metadata (decode split buffers) is shared by every layer, so
+        # every layer, a drafter's included, must have the first layer's head shape.
+        if self.spec is None:
+            self.spec = spec
+        elif (spec.num_heads, spec.head_size) != (self.spec.num_heads, self.spec.head_size):
+            raise ValueError(
+                f"triton attention: a layer with {spec.num_heads} heads of size "
+                f"{spec.head_size} cannot share a step's metadata with layers of "
+                f"{self.spec.num_heads} heads of size {self.spec.head_size}")
         return TritonAttention(scale)
 
     def build_metadata(self, inputs: AttentionInputs):

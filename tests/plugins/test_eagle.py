@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -39,43 +39,44 @@ class Harness:
     target: Qwen2ForCausalLM
     target_caches: list[torch.Tensor]
     drafter: eagle.EagleDrafter
-    backend: TorchReferenceBackend
+    backend: Any
+    device: torch.device
 
 
 def speculative_config(method: str, model=None, load_format: str = "auto"):
     from kvloom.config import SpeculativeConfig
 
-    fields = dict(method=method, num_speculative_tokens=3,
-                  model=None if model is None else str(model))
-    if "load_format" in SpeculativeConfig.model_fields:
-        return SpeculativeConfig(**fields, load_format=load_format)
-    return SimpleNamespace(**SpeculativeConfig(**fields).model_dump(), load_format=load_format)
+    return SpeculativeConfig(method=method, num_speculative_tokens=3,
+                             model=None if model is None else str(model), load_format=load_format)
 
 
-def caches_for(specs, backend) -> list[torch.Tensor]:
+def caches_for(specs, backend, device: torch.device) -> list[torch.Tensor]:
     return [torch.zeros(backend.kv_cache_shape(
-        NUM_BLOCKS, replace(spec, block_size=BLOCK_SIZE, device_type="cpu")))
-        for spec in specs]
+        NUM_BLOCKS, replace(spec, block_size=BLOCK_SIZE, device_type=device.type)),
+        dtype=spec.dtype, device=device) for spec in specs]
 
 
-def build_harness(target_path, method="eagle", draft_path=None, load_format="auto") -> Harness:
+def build_harness(target_path, method="eagle", draft_path=None, load_format="auto",
+                  device="cpu", backend=None, dtype=torch.float32) -> Harness:
     from transformers import AutoConfig
 
-    backend = TorchReferenceBackend()
+    device = torch.device(device)
+    backend = backend or TorchReferenceBackend()
     hf_config = AutoConfig.from_pretrained(target_path)
-    context = ModelContext(backend, torch.float32, torch.device("cpu"), BLOCK_SIZE)
-    target = Qwen2ForCausalLM(hf_config, context)
+    context = ModelContext(backend, dtype, device, BLOCK_SIZE)
+    with device:
+        target = Qwen2ForCausalLM(hf_config, context)
     load_checkpoint_dir(target, Path(target_path))
     target.eval()
-    drafter_context = DrafterContext(target, hf_config, backend, torch.float32,
-                                     torch.device("cpu"), BLOCK_SIZE, 512)
+    drafter_context = DrafterContext(target, hf_config, backend, dtype, device, BLOCK_SIZE, 512)
     factory = {"eagle": eagle.make_eagle, "eagle3": eagle.make_eagle3}[method]
     drafter = factory(speculative_config(method, draft_path, load_format), drafter_context)
     if drafter.aux_hidden_state_layers:
         target.set_aux_hidden_state_layers(drafter.aux_hidden_state_layers)
-    drafter.initialize_kv_caches(caches_for(drafter.kv_cache_layers(), backend))
-    target_caches = caches_for([target.attention_spec()] * target.num_attention_layers(), backend)
-    return Harness(target, target_caches, drafter, backend)
+    drafter.initialize_kv_caches(caches_for(drafter.kv_cache_layers(), backend, device))
+    target_caches = caches_for([target.attention_spec()] * target.num_attention_layers(),
+                               backend, device)
+    return Harness(target, target_caches, drafter, backend, device)
 
 
 # --- driving steps by hand ----------------------------------------------------------------
@@ -99,7 +100,7 @@ class Row:
     max_drafts: int | None = None    # None: the row does not draft
 
 
-def paged_layout(rows: list[Row]) -> tuple[AttentionInputs, torch.Tensor]:
+def paged_layout(rows: list[Row], device: torch.device) -> tuple[AttentionInputs, torch.Tensor]:
     query_lens = [len(row.query) for row in rows]
     computed = [len(row.sequence.tokens) for row in rows]
     starts = np.concatenate([[0], np.cumsum(query_lens)]).astype(np.int32)
@@ -114,11 +115,11 @@ def paged_layout(rows: list[Row]) -> tuple[AttentionInputs, torch.Tensor]:
             slots.append(row.sequence.blocks[position // BLOCK_SIZE] * BLOCK_SIZE
                          + position % BLOCK_SIZE)
     attention = AttentionInputs(
-        torch.from_numpy(starts), torch.from_numpy(seq_lens), torch.from_numpy(tables),
-        torch.tensor(slots, dtype=torch.int64), torch.from_numpy(starts.copy()),
-        torch.from_numpy(seq_lens.copy()), max(query_lens), int(seq_lens.max()),
-        sum(q == 1 for q in query_lens))
-    return attention, torch.tensor(positions, dtype=torch.int64)
+        torch.from_numpy(starts).to(device), torch.from_numpy(seq_lens).to(device),
+        torch.from_numpy(tables).to(device), torch.tensor(slots, device=device),
+        torch.from_numpy(starts.copy()), torch.from_numpy(seq_lens.copy()), max(query_lens),
+        int(seq_lens.max()), sum(q == 1 for q in query_lens))
+    return attention, torch.tensor(positions, dtype=torch.int64, device=device)
 
 
 def next_token_of(row: Row, logits: torch.Tensor, last_kept: int) -> int:
@@ -133,7 +134,7 @@ def record_head_outputs(head) -> list[torch.Tensor]:
     calls, original = [], head.draft_token_ids
 
     def recording(hidden):
-        calls.append(hidden.clone())
+        calls.append(hidden.cpu())
         return original(hidden)
 
     head.draft_token_ids = recording
@@ -144,8 +145,9 @@ def record_head_outputs(head) -> list[torch.Tensor]:
 def run_step(harness: Harness, rows: list[Row]) -> tuple[list[list[int]], list[torch.Tensor]]:
     """Target forward, then propose; returns the drafts of the drafting rows, in order,
     and the head's output hidden states of each draft pass."""
-    attention, positions = paged_layout(rows)
-    input_ids = torch.tensor([t for row in rows for t in row.query], dtype=torch.int64)
+    attention, positions = paged_layout(rows, harness.device)
+    input_ids = torch.tensor([t for row in rows for t in row.query], dtype=torch.int64,
+                             device=harness.device)
     out = harness.target(input_ids, positions, harness.target_caches,
                          harness.backend.build_metadata(attention))
     hidden, aux = out if isinstance(out, tuple) else (out, ())
@@ -155,13 +157,14 @@ def run_step(harness: Harness, rows: list[Row]) -> tuple[list[list[int]], list[t
     next_ids = [next_token_of(row, logits, starts[i] + kept[i] - 1) for i, row in enumerate(rows)]
     drafting = [i for i, row in enumerate(rows) if row.max_drafts is not None]
     step = TargetStep(input_ids, positions, hidden, tuple(aux), attention, starts, kept,
-                      torch.tensor(next_ids), np.array(drafting, dtype=np.int64), BLOCK_SIZE)
+                      torch.tensor(next_ids, device=harness.device),
+                      np.array(drafting, dtype=np.int64), BLOCK_SIZE)
     inputs = DraftInputs([f"r{i}" for i in drafting], [[] for _ in drafting],
                          [rows[i].max_drafts for i in drafting], step)
     head_outputs = record_head_outputs(harness.drafter.head)
     drafts = harness.drafter.propose(inputs)
     del harness.drafter.head.draft_token_ids
-    head_inputs = torch.cat(aux, dim=-1) if aux else hidden
+    head_inputs = (torch.cat(aux, dim=-1) if aux else hidden).cpu()
     for i, row in enumerate(rows):
         row.sequence.tokens += row.query[:kept[i]]
         row.sequence.head_inputs += list(head_inputs[starts[i]:starts[i] + kept[i]])
@@ -240,7 +243,8 @@ class DenseEagle:
         return x * angles.cos() + rotated * angles.sin()
 
     def rms(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.w[name + ".weight"]
+        scale = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return x * scale * self.w[name + ".weight"]
 
     def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
         return F.linear(x, self.w[name + ".weight"], self.w.get(name + ".bias"))
@@ -364,9 +368,27 @@ SCENARIOS = {
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_drafts_match_dense_reference(tmp_path, targets, scenario):
+    check_against_dense_reference(tmp_path, targets, scenario)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("attention", ["torch", "triton"])
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_drafts_match_dense_reference_on_cuda(tmp_path, targets, scenario, attention):
+    from kvloom.plugins.attention.triton_backend import TritonAttentionBackend
+
+    backend = TritonAttentionBackend() if attention == "triton" else TorchReferenceBackend()
+    # Triton's float32 dots run in TF32.
+    tolerance = 1e-2 if attention == "triton" else 1e-3
+    check_against_dense_reference(tmp_path, targets, scenario, "cuda", backend, tolerance)
+
+
+def check_against_dense_reference(tmp_path, targets, scenario, device="cpu", backend=None,
+                                  tolerance=1e-3):
     layers, method, spec = SCENARIOS[scenario]
     draft = make_eagle_checkpoint(tmp_path / "draft", targets(layers), spec)
-    harness = build_harness(targets(layers), method, draft)
+    harness = build_harness(targets(layers), method, draft, device=device, backend=backend)
     reference = DenseEagle(draft, targets(layers))
     a_prompt, b_prompt, c_prompt = prompts(3, 11, seed=layers)
     # Scattered, interleaved blocks: a paging or slot bug lands in someone else's KV.
@@ -388,7 +410,7 @@ def test_drafts_match_dense_reference(tmp_path, targets, scenario):
             active = [i for i, limit in enumerate(limits) if limit > s]
             got = outputs[active] if s == 0 else outputs
             torch.testing.assert_close(got, torch.stack([expected[i][1][s] for i in active]),
-                                       rtol=1e-3, atol=1e-3)
+                                       rtol=tolerance, atol=tolerance)
         seen.extend(token for tokens in drafts for token in tokens)
         return drafts
 
@@ -415,17 +437,32 @@ def test_drafts_match_dense_reference(tmp_path, targets, scenario):
 
 # --- dummy weights -----------------------------------------------------------------------
 
-@pytest.mark.parametrize("method, layers, weights_from, head_cls", [
-    ("eagle", 2, None, Eagle1Head),
-    ("eagle3", 8, None, Eagle3Head),
-    ("eagle", 4, 3, Eagle3Head),  # a config-only EAGLE-3 directory, load_format: dummy
-])
+DUMMY_CASES = [("eagle", 2, None, Eagle1Head), ("eagle3", 8, None, Eagle3Head),
+               ("eagle", 4, 3, Eagle3Head)]  # the last: a config-only EAGLE-3 directory
+
+
+@pytest.mark.parametrize("method, layers, weights_from, head_cls", DUMMY_CASES)
 def test_dummy_head_proposes(tmp_path, targets, method, layers, weights_from, head_cls):
+    check_dummy_head(tmp_path, targets, method, layers, weights_from, head_cls)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method, layers, weights_from, head_cls", DUMMY_CASES)
+def test_dummy_head_proposes_on_cuda_in_bfloat16(tmp_path, targets, method, layers,
+                                                 weights_from, head_cls):
+    from kvloom.plugins.attention.triton_backend import TritonAttentionBackend
+
+    check_dummy_head(tmp_path, targets, method, layers, weights_from, head_cls,
+                     device="cuda", backend=TritonAttentionBackend(), dtype=torch.bfloat16)
+
+
+def check_dummy_head(tmp_path, targets, method, layers, weights_from, head_cls, **build):
     draft = None
     if weights_from is not None:
         draft = make_eagle_checkpoint(tmp_path / "draft", targets(layers), TinyEagleSpec(
             version=weights_from, aux_layer_ids=(0, 1, 3), weights=False))
-    harness = build_harness(targets(layers), method, draft, load_format="dummy")
+    harness = build_harness(targets(layers), method, draft, load_format="dummy", **build)
     assert type(harness.drafter.head) is head_cls
     if head_cls is Eagle3Head:
         assert harness.drafter.aux_hidden_state_layers == ((0, 1, 3) if draft else (2, 4, 5))
