@@ -145,6 +145,14 @@ class InputBuffers:
                            num_tokens, placeholder_indices,
                            request_of_token[placeholder_indices])
 
+    def prepare_uniform_dummy(self, num_seqs: int, query_len: int) -> ModelInputs:
+        """``num_seqs`` sequences of ``query_len`` new tokens each, in block 0 (for
+        capturing the CUDA graphs of steps that verify drafts)."""
+        dummy = [ScheduledRequest(f"capture-{row}", [0] * query_len, 0, [0], True, None, [], [],
+                                  draft_token_ids=[0] * (query_len - 1))
+                 for row in range(num_seqs)]
+        return self.prepare(dummy, block_size=max(query_len, 1))
+
     def _fill_logits_indices(self, scheduled: list[ScheduledRequest], sampled_rows: list[int],
                              query_start: np.ndarray) -> int:
         logits_indices = self.logits_indices[0].numpy()

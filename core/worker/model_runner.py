@@ -43,6 +43,7 @@ class ModelRunner:
         self.grammar_masks = GrammarMasks(buffers.max_num_seqs * (1 + num_speculative_tokens),
                                           device, fill_bitmasks)
         self.speculative = None
+        self.num_speculative_tokens = num_speculative_tokens
         if drafter is not None:
             self.speculative = SpeculativeDecoder(drafter, sampler, self.sampling_state,
                                                   self.sampled_tokens, vocab_size, block_size,
@@ -55,7 +56,8 @@ class ModelRunner:
     def capture_cuda_graphs(self, capture_sizes: list[int]) -> None:
         """Capture decode graphs; needs a backend that supports them and a CUDA device."""
         self.cuda_graphs = CudaGraphDecoder(self.model, self.attention_backend, self.kv_caches,
-                                            self.buffers, capture_sizes)
+                                            self.buffers, capture_sizes,
+                                            self.num_speculative_tokens)
         self.cuda_graphs.capture()
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
@@ -112,24 +114,23 @@ class ModelRunner:
         return hidden, inputs
 
     def _run_model(self, scheduled: list[ScheduledRequest]):
-        padded = self._graph_size_for(scheduled)
+        graph_key = self._graph_key_for(scheduled)
+        padded = graph_key[0] if graph_key is not None else None
         inputs = self.buffers.prepare(scheduled, self.block_size, pad_to=padded)
         if len(inputs.placeholder_indices):
             self.sampled_tokens.fill_placeholders(
                 inputs.input_ids, inputs.placeholder_indices,
                 [scheduled[row].request_id for row in inputs.placeholder_rows])
-        if padded is not None:
-            return self.cuda_graphs.replay(padded, inputs.num_tokens), inputs
+        if graph_key is not None:
+            return self.cuda_graphs.replay(graph_key, inputs.num_tokens), inputs
         metadata = self.attention_backend.build_metadata(inputs.attention)
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, metadata)
         return hidden, inputs
 
-    def _graph_size_for(self, scheduled: list[ScheduledRequest]) -> int | None:
+    def _graph_key_for(self, scheduled: list[ScheduledRequest]) -> tuple[int, int] | None:
         if self.cuda_graphs is None:
             return None
-        if any(len(item.token_ids) != 1 for item in scheduled):
-            return None
-        return self.cuda_graphs.padded_size(len(scheduled))
+        return self.cuda_graphs.key_for([len(item.token_ids) for item in scheduled])
 
     @torch.inference_mode()
     def profile_run(self, num_tokens: int, num_seqs: int) -> None:

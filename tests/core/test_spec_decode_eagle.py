@@ -1,0 +1,265 @@
+"""EAGLE-1 and EAGLE-3 end to end: greedy output is the output without drafts, token
+for token (mixed lengths, chunked prefill, preemption), while drafts do get accepted.
+
+A random draft head accepts next to nothing, so the heads here are distilled from
+the tiny target first (a few seconds of Adam in plain torch): the target (Hugging
+Face transformers) runs over the test prompts with their greedy continuations and
+over random sequences with theirs, and each head learns, at position i, to map
+(token i+1, the target's hidden state at i) to the target's next token after
+token i+1. It is then saved in the published checkpoint format.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kvloom import LLM, SamplingParams
+from kvloom.testing.checkpoints import TinyEagleSpec, TinyQwen2Spec, make_eagle_checkpoint
+
+# Eight layers, so EAGLE-3's default aux layers (2, L/2, L-3) fit.
+TARGET = TinyQwen2Spec(num_hidden_layers=8)
+EAGLE3_AUX_LAYERS = (2, 4, 5)
+K = 3
+
+# Mixed lengths; 100 and 120 tokens are longer than the 48-token prefill chunk.
+PROMPTS = [[5, 17, 33, 2, 90, 41, 7], list(range(40, 140)), [200, 3],
+           list(range(300, 340)) * 3, [7] * 30, list(range(1, 60, 2))]
+MAX_TOKENS = [40, 24, 6, 33, 40, 20]
+REGEX = "(ab|cd){6,10}x"
+STRUCTURED_PROMPTS = [PROMPTS[0], PROMPTS[3]]
+
+CONFIGS = {
+    "default": {},
+    # 24 blocks of 8 for six requests: preemption, and 16-token prefill chunks.
+    "tight-kv": {"num_gpu_blocks_override": 24, "max_num_batched_tokens": 16},
+    "no-prefix-cache": {"enable_prefix_caching": False, "max_num_batched_tokens": 128},
+}
+
+
+def make_llm(path, draft=None, **overrides) -> LLM:
+    speculative = None
+    if draft is not None:
+        method, model = draft
+        speculative = {"method": method, "num_speculative_tokens": K, "model": str(model)}
+    settings = dict(dtype="float32", block_size=8, max_num_batched_tokens=48,
+                    speculative_config=speculative)
+    settings.update(overrides)
+    return LLM(str(path), **settings)
+
+
+def run(llm: LLM, params, prompts=PROMPTS) -> list[list[int]]:
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+def greedy() -> list[SamplingParams]:
+    return [SamplingParams(temperature=0, max_tokens=n) for n in MAX_TOKENS]
+
+
+def structured() -> list[SamplingParams]:
+    from kvloom import StructuredOutputsParams
+
+    return [SamplingParams(temperature=0, max_tokens=40,
+                           structured_outputs=StructuredOutputsParams(regex=REGEX))
+            for _ in STRUCTURED_PROMPTS]
+
+
+def has_xgrammar() -> bool:
+    try:
+        import xgrammar  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# --- fixtures --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def target(tiny_qwen2_factory):
+    return tiny_qwen2_factory(TARGET)
+
+
+@pytest.fixture(scope="module")
+def reference(target):
+    """Outputs without speculation: greedy, and (with xgrammar) regex-constrained."""
+    llm = make_llm(target)
+    outputs = {"greedy": run(llm, greedy())}
+    if has_xgrammar():
+        outputs["structured"] = run(llm, structured(), STRUCTURED_PROMPTS)
+    return outputs
+
+
+@pytest.fixture(scope="module")
+def drafts(tmp_path_factory, target, reference):
+    """{"eagle": EAGLE-1 checkpoint dir, "eagle3": EAGLE-3 checkpoint dir}, distilled."""
+    sequences = [(p, out) for p, out in zip(PROMPTS, reference["greedy"])]
+    sequences += list(zip(STRUCTURED_PROMPTS, reference.get("structured", [])))
+    data = TrainingData.of(target, sequences, num_random=8)
+    root = tmp_path_factory.mktemp("eagle_drafts")
+    return {"eagle": distill(root / "eagle1", target, data, version=1),
+            "eagle3": distill(root / "eagle3", target, data, version=3)}
+
+
+# --- distillation ------------------------------------------------------------------------
+
+class TrainingData:
+    """Right-padded [B, N] batches of the head's inputs and labels.
+
+    Row b, position i: token = seq[i + 1], hidden = the target's final (post-norm)
+    hidden state at i, aux = the inputs of the EAGLE-3 aux layers at i, label = the
+    token that follows seq[i + 1] (in the generated part the sequence's own, which is
+    the target's greedy choice, constrained or not; in the prompt the target's argmax).
+    """
+
+    def __init__(self, tokens, hidden, aux, labels, mask, embed, lm_head, config):
+        self.tokens, self.hidden, self.aux = tokens, hidden, aux
+        self.labels, self.mask = labels, mask
+        self.embed, self.lm_head, self.config = embed, lm_head, config
+
+    @classmethod
+    @torch.no_grad()
+    def of(cls, target, sequences: list[tuple[list[int], list[int]]], num_random: int):
+        from transformers import Qwen2ForCausalLM
+
+        model = Qwen2ForCausalLM.from_pretrained(str(target), dtype=torch.float32).eval()
+        generator = torch.Generator().manual_seed(0)
+        random_prompts = torch.randint(3, model.config.vocab_size, (num_random, 12),
+                                       generator=generator)
+        continued = random_prompts
+        for _ in range(28):  # the target's own greedy continuations
+            next_ids = model(continued).logits[:, -1].argmax(-1, keepdim=True)
+            continued = torch.cat([continued, next_ids], dim=1)
+        sequences = sequences + [(row[:12].tolist(), row[12:].tolist()) for row in continued]
+
+        width = max(len(p) + len(o) for p, o in sequences)
+        ids = torch.zeros((len(sequences), width), dtype=torch.int64)
+        for row, (prompt, output) in enumerate(sequences):
+            ids[row, :len(prompt) + len(output)] = torch.tensor(prompt + output)
+        out = model(ids, output_hidden_states=True)  # right padding: causal, pads come last
+        states, argmax = out.hidden_states, out.logits.argmax(-1)
+
+        tokens = ids[:, 1:]
+        labels = torch.zeros_like(tokens)
+        mask = torch.zeros_like(tokens, dtype=torch.bool)
+        for row, (prompt, output) in enumerate(sequences):
+            length = len(prompt) + len(output)
+            labels[row, :length - 1] = argmax[row, 1:length]
+            generated = range(max(len(prompt) - 2, 0), length - 2)  # i + 2 is an output token
+            labels[row, generated.start:generated.stop] = ids[row, generated.start + 2:length]
+            mask[row, :length - 1] = True
+        hidden = states[-1][:, :-1]
+        aux = torch.cat([states[layer][:, :-1] for layer in EAGLE3_AUX_LAYERS], dim=-1)
+        return cls(tokens, hidden, aux, labels, mask, model.model.embed_tokens.weight.clone(),
+                   model.lm_head.weight.clone(), model.config)
+
+
+class DenseHead:
+    """The checkpoint's formulas over whole padded sequences (causal, no KV cache)."""
+
+    def __init__(self, weights: dict[str, torch.Tensor], version: int, data: TrainingData):
+        self.w, self.version, self.data = weights, version, data
+        config = data.config
+        self.prefix = "midlayer." if version == 3 else "layers.0."
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.hidden_size // self.heads
+        self.eps = config.rms_norm_eps
+        theta = getattr(config, "rope_theta", None) or config.rope_parameters["rope_theta"]
+        exponents = torch.arange(0, self.head_dim, 2).float() / self.head_dim
+        freqs = torch.arange(data.tokens.shape[1]).float()[:, None] / theta ** exponents
+        angles = torch.cat([freqs, freqs], dim=-1)[:, None]
+        self.cos, self.sin = angles.cos(), angles.sin()
+
+    def logits(self) -> torch.Tensor:
+        data, p = self.data, self.prefix
+        embeds = data.embed[data.tokens]
+        if self.version == 3:
+            carried = self.linear(data.aux, "fc")
+            x = torch.cat([self.rms(embeds, p + "input_layernorm"),
+                           self.rms(carried, p + "hidden_norm")], dim=-1)
+            residual = carried
+        else:
+            x = residual = self.linear(torch.cat([embeds, data.hidden], dim=-1), "fc")
+        h = residual + self.attention(x)
+        normed = self.rms(h, p + "post_attention_layernorm")
+        mlp = F.silu(self.linear(normed, p + "mlp.gate_proj")) * self.linear(normed,
+                                                                             p + "mlp.up_proj")
+        out = h + self.linear(mlp, p + "mlp.down_proj")
+        if self.version == 3:  # full draft vocabulary: d2t is all zeros
+            return self.linear(self.rms(out, "norm"), "lm_head")
+        return F.linear(out, data.lm_head)
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        batch, n, p = x.shape[0], x.shape[1], self.prefix + "self_attn."
+        q = self.rope(self.linear(x, p + "q_proj").view(batch, n, self.heads, self.head_dim))
+        k = self.rope(self.linear(x, p + "k_proj").view(batch, n, self.kv_heads, self.head_dim))
+        v = self.linear(x, p + "v_proj").view(batch, n, self.kv_heads, self.head_dim)
+        group = self.heads // self.kv_heads
+        k, v = k.repeat_interleave(group, 2), v.repeat_interleave(group, 2)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                             v.transpose(1, 2), is_causal=True)
+        return self.linear(out.transpose(1, 2).reshape(batch, n, -1), p + "o_proj")
+
+    def rope(self, x: torch.Tensor) -> torch.Tensor:
+        half = self.head_dim // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * self.cos + rotated * self.sin
+
+    def rms(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.w[
+            name + ".weight"]
+
+    def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        return F.linear(x, self.w[name + ".weight"], self.w.get(name + ".bias"))
+
+
+def distill(path, target, data: TrainingData, version: int, steps: int = 300):
+    """A checkpoint (make_eagle_checkpoint's names) whose weights are trained on ``data``."""
+    from safetensors.torch import load_file, save_file
+
+    spec = TinyEagleSpec(version=version, seed=version,
+                         draft_vocab_size=data.config.vocab_size if version == 3 else None)
+    make_eagle_checkpoint(path, target, spec)
+    initial = load_file(str(path / "model.safetensors"))
+    if version == 3:  # start from the target's head
+        initial["lm_head.weight"] = data.lm_head.clone()
+    weights = {name: t.clone().requires_grad_(t.is_floating_point())
+               for name, t in initial.items()}
+    trained = [t for t in weights.values() if t.requires_grad]
+    optimizer = torch.optim.Adam(trained, lr=3e-3)
+    head = DenseHead(weights, version, data)
+    torch.manual_seed(0)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = F.cross_entropy(head.logits()[data.mask], data.labels[data.mask])
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        accuracy = (head.logits().argmax(-1) == data.labels)[data.mask].float().mean()
+    print(f"EAGLE-{version} distilled: loss {loss.item():.3f}, train accuracy {accuracy:.2f}")
+    save_file({name: t.detach().contiguous() for name, t in weights.items()},
+              str(path / "model.safetensors"))
+    return path
+
+
+# --- tests -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("method", ["eagle", "eagle3"])
+def test_greedy_equals_no_speculation(target, reference, drafts, method, config):
+    overrides = CONFIGS[config]
+    llm = make_llm(target, (method, drafts[method]), **overrides)
+    assert run(llm, greedy()) == reference["greedy"]
+    stats = llm.engine.get_stats()
+    print(f"{method}/{config}: accepted {stats.spec_num_accepted_tokens} of "
+          f"{stats.spec_num_draft_tokens} ({stats.spec_acceptance_rate:.2f}), "
+          f"mean accepted length {stats.spec_mean_accepted_length:.2f}, "
+          f"per position {llm.engine.components.scheduler.spec_stats.accepted_per_position}, "
+          f"preemptions {stats.num_preemptions}")
+    assert stats.spec_num_accepted_tokens > 0
+    assert stats.spec_num_draft_tokens >= stats.spec_num_accepted_tokens
+    if "num_gpu_blocks_override" in overrides:
+        assert stats.num_preemptions > 0
