@@ -173,35 +173,67 @@ class DenseHead:
         angles = torch.cat([freqs, freqs], dim=-1)[:, None]
         self.cos, self.sin = angles.cos(), angles.sin()
 
-    def logits(self) -> torch.Tensor:
-        data, p = self.data, self.prefix
+    def passes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Output hidden states of the first draft pass, and of a second pass as the
+        drafter runs it:
+        at position i the head reads its own output at i - 1 instead of the target's
+        hidden state, and attends to the first pass's keys before i and its own at i."""
+        data = self.data
         embeds = data.embed[data.tokens]
+        carried = self.linear(data.aux, "fc") if self.version == 3 else data.hidden
+        first, context = self.forward(embeds, carried)
+        previous = torch.cat([first[:, :1], first[:, :-1]], dim=1)  # position 0: unused
+        second, _ = self.forward(embeds, previous, context)
+        return first, second
+
+    def loss(self) -> torch.Tensor:
+        data, mask = self.data, self.data.mask
+        first, second = self.passes()
+        loss = (F.cross_entropy(self.draft_logits(first)[mask], data.labels[mask])
+                + F.cross_entropy(self.draft_logits(second)[:, 1:][mask[:, 1:]],
+                                  data.labels[:, 1:][mask[:, 1:]]))
+        return loss
+
+    def forward(self, embeds, carried, context=None):
+        p = self.prefix
         if self.version == 3:
-            carried = self.linear(data.aux, "fc")
             x = torch.cat([self.rms(embeds, p + "input_layernorm"),
                            self.rms(carried, p + "hidden_norm")], dim=-1)
             residual = carried
         else:
-            x = residual = self.linear(torch.cat([embeds, data.hidden], dim=-1), "fc")
-        h = residual + self.attention(x)
+            x = residual = self.linear(torch.cat([embeds, carried], dim=-1), "fc")
+        attended, keys_values = self.attention(x, context)
+        h = residual + attended
         normed = self.rms(h, p + "post_attention_layernorm")
         mlp = F.silu(self.linear(normed, p + "mlp.gate_proj")) * self.linear(normed,
                                                                              p + "mlp.up_proj")
-        out = h + self.linear(mlp, p + "mlp.down_proj")
+        return h + self.linear(mlp, p + "mlp.down_proj"), keys_values
+
+    def draft_logits(self, out: torch.Tensor) -> torch.Tensor:
         if self.version == 3:  # full draft vocabulary: d2t is all zeros
             return self.linear(self.rms(out, "norm"), "lm_head")
-        return F.linear(out, data.lm_head)
+        return F.linear(out, self.data.lm_head)
 
-    def attention(self, x: torch.Tensor) -> torch.Tensor:
+    def attention(self, x: torch.Tensor, context=None):
         batch, n, p = x.shape[0], x.shape[1], self.prefix + "self_attn."
         q = self.rope(self.linear(x, p + "q_proj").view(batch, n, self.heads, self.head_dim))
         k = self.rope(self.linear(x, p + "k_proj").view(batch, n, self.kv_heads, self.head_dim))
         v = self.linear(x, p + "v_proj").view(batch, n, self.kv_heads, self.head_dim)
         group = self.heads // self.kv_heads
         k, v = k.repeat_interleave(group, 2), v.repeat_interleave(group, 2)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
-                                             v.transpose(1, 2), is_causal=True)
-        return self.linear(out.transpose(1, 2).reshape(batch, n, -1), p + "o_proj")
+        scale = self.head_dim ** -0.5
+        if context is None:  # causal over this pass
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                 v.transpose(1, 2), is_causal=True).transpose(1, 2)
+        else:  # the first pass's keys strictly before each position, then its own
+            context_k, context_v = context
+            scores = torch.einsum("bqhd,bkhd->bhqk", q, context_k) * scale
+            scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(0), -torch.inf)
+            own = (q * k).sum(-1).transpose(1, 2)[..., None] * scale     # [b, h, q, 1]
+            weights = torch.cat([scores, own], dim=-1).softmax(-1)
+            out = (torch.einsum("bhqk,bkhd->bqhd", weights[..., :-1], context_v)
+                   + weights[..., -1].transpose(1, 2)[..., None] * v)
+        return self.linear(out.reshape(batch, n, -1), p + "o_proj"), (k, v)
 
     def rope(self, x: torch.Tensor) -> torch.Tensor:
         half = self.head_dim // 2
@@ -216,7 +248,8 @@ class DenseHead:
         return F.linear(x, self.w[name + ".weight"], self.w.get(name + ".bias"))
 
 
-def distill(path, target, data: TrainingData, version: int, steps: int = 300):
+def distill(path, target, data: TrainingData, version: int, steps: int = 60,
+            lr: float = 3e-3):
     """A checkpoint (make_eagle_checkpoint's names) whose weights are trained on ``data``."""
     from safetensors.torch import load_file, save_file
 
@@ -226,20 +259,28 @@ def distill(path, target, data: TrainingData, version: int, steps: int = 300):
     initial = load_file(str(path / "model.safetensors"))
     if version == 3:  # start from the target's head
         initial["lm_head.weight"] = data.lm_head.clone()
+    else:  # start near passing the target's hidden state through (and at its scale)
+        hidden = data.config.hidden_size
+        initial["fc.weight"][:, :hidden] *= 0.1
+        initial["fc.weight"][:, hidden:] = torch.eye(hidden)
+        for name in ("layers.0.self_attn.o_proj.weight", "layers.0.mlp.down_proj.weight"):
+            initial[name] *= 0.1
     weights = {name: t.clone().requires_grad_(t.is_floating_point())
                for name, t in initial.items()}
     trained = [t for t in weights.values() if t.requires_grad]
-    optimizer = torch.optim.Adam(trained, lr=3e-3)
+    optimizer = torch.optim.Adam(trained, lr=lr)
     head = DenseHead(weights, version, data)
     torch.manual_seed(0)
     for _ in range(steps):
         optimizer.zero_grad()
-        loss = F.cross_entropy(head.logits()[data.mask], data.labels[data.mask])
+        loss = head.loss()
         loss.backward()
         optimizer.step()
     with torch.no_grad():
-        accuracy = (head.logits().argmax(-1) == data.labels)[data.mask].float().mean()
-    print(f"EAGLE-{version} distilled: loss {loss.item():.3f}, train accuracy {accuracy:.2f}")
+        accuracy = [(head.draft_logits(out).argmax(-1) == data.labels)[data.mask].float()
+                    .mean().item() for out in head.passes()]
+    print(f"EAGLE-{version} distilled: loss {loss.item():.3f}, train accuracy "
+          f"{accuracy[0]:.2f} (first pass), {accuracy[1]:.2f} (second)")
     save_file({name: t.detach().contiguous() for name, t in weights.items()},
               str(path / "model.safetensors"))
     return path
