@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvloom.kv_cache.kv_cache_manager import KVCacheManager
+from kvloom.kv_cache.kv_cache_manager import KVCacheManager, PrefixHit
 from kvloom.scheduler.output import (PLACEHOLDER_TOKEN_ID, EngineCoreOutput, ScheduledRequest,
                                      SchedulerOutput)
 from kvloom.scheduler.request import Request, RequestStatus
@@ -137,7 +137,7 @@ class Scheduler:
             if not self.limits.enable_chunked_prefill and num_new > budget:
                 break
             num_new = min(num_new, budget)
-            block_ids = self.kv_cache_manager.allocate_slots(request, num_new, hit)
+            block_ids = self._allocate(request, num_new, hit)
             if block_ids is None:
                 break
             self.waiting.pop()
@@ -150,13 +150,15 @@ class Scheduler:
             budget -= num_new
         return budget
 
-    def _allocate(self, request: Request, num_new: int) -> list[int] | None:
-        lookahead = 0
-        if request.draft_token_ids and self.limits.num_lookahead_tokens:
-            end = request.num_computed_tokens + num_new
-            lookahead = max(0, min(self.limits.num_lookahead_tokens,
-                                   self.limits.max_model_len - end))
-        return self.kv_cache_manager.allocate_slots(request, num_new,
+    def _allocate(self, request: Request, num_new: int,
+                  prefix_hit: PrefixHit | None = None) -> list[int] | None:
+        # A model-based drafter drafts right after any step that samples (a
+        # prompt's last chunk too), at positions past the step's tokens.
+        end = (request.num_computed_tokens + num_new
+               + (prefix_hit.num_tokens if prefix_hit is not None else 0))
+        lookahead = max(0, min(self.limits.num_lookahead_tokens,
+                               self.limits.max_model_len - end))
+        return self.kv_cache_manager.allocate_slots(request, num_new, prefix_hit,
                                                     num_lookahead_tokens=lookahead)
 
     def _finishes_in_flight(self, request: Request) -> bool:

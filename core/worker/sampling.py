@@ -87,14 +87,10 @@ class SampledTokenStore:
         host = self.host_buffers[self.next_buffer][:len(rows)]
         self.next_buffer ^= 1
         host.copy_(sampled, non_blocking=True)
-        copied = None
-        if self.device.type == "cuda":
-            copied = torch.cuda.Event()
-            copied.record()
+        wait_for_copies = copies_marker(self.device)
 
         def wait() -> ModelRunnerOutput:
-            if copied is not None:
-                copied.synchronize()
+            wait_for_copies()
             return to_runner_output(rows, output, host.tolist())
 
         return PendingRunnerOutput(wait)
@@ -110,6 +106,16 @@ class SampledTokenStore:
                                                                       non_blocking=True)
         rows_on_device = torch.tensor(rows, dtype=torch.int64).to(self.device, non_blocking=True)
         input_ids[indices] = self.last_sampled[rows_on_device]
+
+
+def copies_marker(device: torch.device):
+    """A function that waits until the work queued so far on ``device`` (the
+    asynchronous copies to the host) is done."""
+    if device.type != "cuda":
+        return lambda: None
+    event = torch.cuda.Event()
+    event.record()
+    return event.synchronize
 
 
 def to_runner_output(rows: list[ScheduledRequest], output: SamplerOutput,

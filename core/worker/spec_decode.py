@@ -26,7 +26,7 @@ from kvloom.scheduler.output import SampleLogprobs, ScheduledRequest
 from kvloom.worker.input_batch import ModelInputs
 from kvloom.worker.rejection_sampler import rejection_sample
 from kvloom.worker.runner_output import ModelRunnerOutput, PendingRunnerOutput
-from kvloom.worker.sampling import SampledTokenStore, SamplingState
+from kvloom.worker.sampling import SampledTokenStore, SamplingState, copies_marker
 
 
 @dataclass(slots=True)
@@ -125,14 +125,10 @@ class SpeculativeDecoder:
         counts_host = self._host_buffer("counts", num_tokens.numel())
         tokens_host.copy_(token_ids, non_blocking=True)
         counts_host.copy_(num_tokens, non_blocking=True)
-        copied = None
-        if self.device.type == "cuda":
-            copied = torch.cuda.Event()
-            copied.record()
+        wait_for_copies = copies_marker(self.device)
 
         def wait() -> ModelRunnerOutput:
-            if copied is not None:
-                copied.synchronize()
+            wait_for_copies()
             counts = counts_host.tolist()
             sampled = [ids[:count] for ids, count in zip(tokens_host.tolist(), counts)]
             return ModelRunnerOutput([row.request_id for row in rows], sampled,
