@@ -299,6 +299,9 @@ def test_greedy_equals_no_speculation(target, reference, drafts, method, config)
           f"preemptions {stats.num_preemptions}")
     assert stats.spec_num_accepted_tokens > 0
     assert stats.spec_num_draft_tokens >= stats.spec_num_accepted_tokens
+    # The heads know these continuations (0.66 to 0.76 seen); feeding them slightly
+    # wrong inputs (token i for i + 1, EAGLE-3's aux layers swapped) gives 0.04 to 0.23.
+    assert stats.spec_acceptance_rate > 0.5
     # Second drafts too: the head's own draft passes work, not only its first read.
     assert llm.engine.components.scheduler.spec_stats.accepted_per_position[1] > 0
     if method == "eagle3":  # the layers the head was trained on
