@@ -244,7 +244,8 @@ class Scheduler:
                 continue  # the id was reused after the step was launched
             token_ids = runner_output.sampled_token_ids[row]
             request.num_output_placeholders -= 1
-            self._take_back_rejected_drafts(request, len(token_ids) - 1)
+            if request.num_drafts_in_flight:
+                self._take_back_rejected_drafts(request, len(token_ids) - 1)
             status, token_ids = self._append_until_stop(request, token_ids)
             logprobs = runner_output.logprobs[row]
             if status is not None:
@@ -268,9 +269,8 @@ class Scheduler:
     def _take_back_rejected_drafts(self, request: Request, num_accepted: int) -> None:
         """The KV of rejected drafts is invalid: those positions get recomputed."""
         num_drafted, request.num_drafts_in_flight = request.num_drafts_in_flight, 0
-        if num_drafted:
-            self.spec_stats.record(num_drafted, num_accepted)
-            request.num_computed_tokens -= num_drafted - num_accepted
+        self.spec_stats.record(num_drafted, num_accepted)
+        request.num_computed_tokens -= num_drafted - num_accepted
 
     def _append_until_stop(self, request: Request,
                            token_ids: list[int]) -> tuple[RequestStatus | None, list[int]]:

@@ -48,7 +48,6 @@ class ModelRunner:
             self.speculative = SpeculativeDecoder(drafter, sampler, self.sampling_state,
                                                   self.sampled_tokens, vocab_size, block_size,
                                                   device)
-        self.drafter_kv_caches: list[torch.Tensor] = []
 
     def initialize_kv_caches(self, kv_caches: list[torch.Tensor]) -> None:
         self.kv_caches = kv_caches
@@ -83,7 +82,7 @@ class ModelRunner:
         rows = [scheduled[row] for row in inputs.sampled_rows]
         if any(row.grammar is not None for row in rows):
             grammars = [row.grammar for row in rows]
-            drafts = [row.draft_token_ids for row in rows] if self.speculative else None
+            drafts = [row.draft_token_ids for row in rows] if self.speculative is not None else None
             return PendingRunnerOutput(
                 start_masks=lambda: self.grammar_masks.start(grammars, logits.shape[1], drafts),
                 deferred_sample=lambda mask_fill: self._sample(rows, logits, mask_fill))

@@ -15,6 +15,7 @@ prefix, which the loader strips), so the modules here are named after them.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -66,7 +67,7 @@ def make_attention(config, context: ModelContext, layer_index: int, input_size: 
     return attention
 
 
-class EagleHead(nn.Module):
+class EagleHead(nn.Module, ABC):
     """What the drafter drives; subclasses are the two published formats."""
 
     eagle_version: int = 0
@@ -91,13 +92,13 @@ class EagleHead(nn.Module):
         """One spec per KV cache, in the order of the layers' ``layer_index``."""
         return [attention.attn.spec for attention in self.attention_layers()]
 
+    @abstractmethod
     def target_hidden(self, step: TargetStep) -> torch.Tensor:
         """The hidden input of each position the target computed this step."""
-        raise NotImplementedError
 
+    @abstractmethod
     def draft_token_ids(self, hidden: torch.Tensor) -> torch.Tensor:
         """Greedy next tokens (target vocabulary) from output hidden states."""
-        raise NotImplementedError
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         attention = self.attention_layers()[0]

@@ -97,7 +97,6 @@ def test_seeded_sampling_is_reproducible_and_respects_limits(tiny_qwen2):
     first = run(make_llm(tiny_qwen2, NGRAM), params)
     second = run(make_llm(tiny_qwen2, NGRAM), params)
     assert first == second
-    assert [len(o[0]) for o in first] <= MAX_TOKENS  # elementwise below via the loop
     for output, limit in zip(first, MAX_TOKENS):
         assert 0 < len(output[0]) <= limit
 
