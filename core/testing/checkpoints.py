@@ -86,6 +86,35 @@ def make_tiny_qwen2(path: str | Path, spec: TinyQwen2Spec | None = None,
     return path
 
 
+# A Qwen1.5-MoE-shaped toy: 8 experts, top 2, a shared expert, one dense layer of three.
+TINY_QWEN2_MOE_CONFIG = dict(
+    vocab_size=384, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+    shared_expert_intermediate_size=80, num_experts=8, num_experts_per_tok=2,
+    norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[1], num_hidden_layers=3,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+    rope_theta=10000.0)
+
+
+def make_tiny_qwen2_moe(path: str | Path, seed: int = 0, **config_overrides) -> Path:
+    """A tiny random Qwen2-MoE checkpoint (per-expert tensors, as HF saves them)."""
+    import torch
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    settings = dict(TINY_QWEN2_MOE_CONFIG, **config_overrides)
+    tokenizer = build_tokenizer(settings["vocab_size"])
+    config = Qwen2MoeConfig(**settings, rms_norm_eps=1e-6, eos_token_id=tokenizer.eos_token_id,
+                            bos_token_id=tokenizer.eos_token_id,
+                            architectures=["Qwen2MoeForCausalLM"])
+    torch.manual_seed(seed)
+    model = Qwen2MoeForCausalLM(config).float()
+    _spread_logits(model, seed)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def _spread_logits(model, seed: int) -> None:
     import torch
 

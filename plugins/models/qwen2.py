@@ -82,9 +82,13 @@ class Qwen2DecoderLayer(nn.Module):
         super().__init__()
         dtype = context.dtype
         self.self_attn = self.attention_cls(config, context, layer_index)
-        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, dtype)
+        self.mlp = self.make_mlp(config, dtype, layer_index)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+
+    @staticmethod
+    def make_mlp(config, dtype: torch.dtype, layer_index: int) -> nn.Module:
+        return GatedMLP(config.hidden_size, config.intermediate_size, dtype)
 
     def forward(self, positions, hidden_states, residual, kv_caches, metadata):
         hidden_states, residual = self.input_layernorm(hidden_states, residual)
@@ -157,9 +161,7 @@ class Qwen2ForCausalLM(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         attention = self.model.layers[0].self_attn
-        mlp_size = self.config.intermediate_size
-        sizes = {"qkv_proj": [attention.q_size, attention.kv_size, attention.kv_size],
-                 "gate_up_proj": [mlp_size, mlp_size]}
+        sizes = {"qkv_proj": [attention.q_size, attention.kv_size, attention.kv_size]}
         skip = {"lm_head.weight"} if self.tie_word_embeddings else set()
         return load_weights_by_name(self, weights, STACKED_SHARDS, sizes, skip)
 

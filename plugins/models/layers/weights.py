@@ -31,7 +31,8 @@ def load_weights_by_name(model: nn.Module, weights: Iterable[tuple[str, torch.Te
 
     Args:
         shards: how split checkpoint tensors map onto fused parameters.
-        shard_sizes: fused module name -> output size of each shard, in order.
+        shard_sizes: fused module name -> output size of each shard, in order; a fused
+            module not named here is split into equal parts (gate_up_proj).
         skip: checkpoint names that are expected and ignored (tied lm_head, ...).
     """
     params = dict(model.named_parameters())
@@ -40,10 +41,11 @@ def load_weights_by_name(model: nn.Module, weights: Iterable[tuple[str, torch.Te
         if name in skip or name.endswith("rotary_emb.inv_freq"):
             consumed.add(name)
             continue
-        target, rows = _locate(name, shards, shard_sizes)
+        target, shard = _locate(name, shards)
         if target not in params:
             continue  # not ours: the caller reports unconsumed names
         param = params[target]
+        rows = None if shard is None else _rows_of(shard, shards, shard_sizes, param)
         destination = param.data if rows is None else param.data.narrow(0, *rows)
         if destination.shape != tensor.shape:
             raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
@@ -53,12 +55,20 @@ def load_weights_by_name(model: nn.Module, weights: Iterable[tuple[str, torch.Te
     return consumed
 
 
-def _locate(name: str, shards: list[StackedShard],
-            shard_sizes: dict[str, list[int]]) -> tuple[str, tuple[int, int] | None]:
+def _locate(name: str, shards: list[StackedShard]) -> tuple[str, StackedShard | None]:
+    """The parameter name a checkpoint tensor goes to, and the shard it fills if any."""
     for shard in shards:
         marker = f".{shard.part}."
         if marker in name:
-            sizes = shard_sizes[shard.fused]
-            start = sum(sizes[:shard.index])
-            return name.replace(marker, f".{shard.fused}."), (start, sizes[shard.index])
+            return name.replace(marker, f".{shard.fused}."), shard
     return name, None
+
+
+def _rows_of(shard: StackedShard, shards: list[StackedShard],
+             shard_sizes: dict[str, list[int]], param: torch.Tensor) -> tuple[int, int]:
+    """(first row, row count) of ``shard`` in its fused parameter."""
+    sizes = shard_sizes.get(shard.fused)
+    if sizes is None:
+        num_parts = sum(1 for other in shards if other.fused == shard.fused)
+        sizes = [param.shape[0] // num_parts] * num_parts
+    return sum(sizes[:shard.index]), sizes[shard.index]
