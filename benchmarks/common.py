@@ -19,6 +19,14 @@ MODEL_CONFIGS = {
                      vocab_size=152064, hidden_size=3584, intermediate_size=18944,
                      num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
                      tie_word_embeddings=False),
+    "qwen1.5-moe-a2.7b": dict(_COMMON, architectures=["Qwen2MoeForCausalLM"],
+                              model_type="qwen2_moe", vocab_size=151936, hidden_size=2048,
+                              intermediate_size=5632, moe_intermediate_size=1408,
+                              shared_expert_intermediate_size=5632, num_experts=60,
+                              num_experts_per_tok=4, norm_topk_prob=False,
+                              decoder_sparse_step=1, mlp_only_layers=[],
+                              num_hidden_layers=24, num_attention_heads=16,
+                              num_key_value_heads=16, tie_word_embeddings=False),
 }
 
 # Physical ceilings of the throughput workload (out tok/s), from BENCHMARKS.md.

@@ -26,6 +26,7 @@ STEPS=${STEPS:-tests,kernels,latency,throughput}
 MODELS=${*:-qwen2-0.5b}
 [[ $STEPS == *tests* ]] && step gpu_tests 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests
 [[ $STEPS == *kernels* ]] && step kernels 240 python3 benchmarks/attention_kernels.py --json "$OUT/kernels.json"
+[[ $STEPS == *moe* ]] && step moe_layer 300 python3 benchmarks/moe_layer.py ${MOE_ARGS:-} --json "$OUT/moe_layer.json"
 for model in $MODELS; do
     [[ $STEPS == *latency* ]] && step "latency_$model" 300 python3 benchmarks/latency.py --model "$model" --json "$OUT/latency_$model.json"
     [[ $STEPS == *profile* ]] && step "profile_$model" 240 python3 benchmarks/profile_step.py --model "$model" --batch 1 256 --steps 20
