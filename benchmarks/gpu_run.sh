@@ -24,7 +24,7 @@ step() {  # name, timeout seconds, command...
 
 STEPS=${STEPS:-tests,kernels,latency,throughput}
 MODELS=${*:-qwen2-0.5b}
-[[ $STEPS == *tests* ]] && step gpu_tests 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests
+[[ $STEPS == *tests* ]] && step gpu_tests 300 python3 -m pytest -q -m gpu -p no:cacheprovider ${GPU_TESTS:-tests}
 [[ $STEPS == *kernels* ]] && step kernels 240 python3 benchmarks/attention_kernels.py --json "$OUT/kernels.json"
 [[ $STEPS == *moe* ]] && step moe_layer 300 python3 benchmarks/moe_layer.py ${MOE_ARGS:-} --json "$OUT/moe_layer.json"
 for model in $MODELS; do

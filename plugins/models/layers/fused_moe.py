@@ -39,8 +39,8 @@ def pick_tiles(num_pairs: int, num_experts: int) -> tuple[Tile, Tile]:
     """Tiles for the gate/up and the down GEMM, by the mean rows per expert.
 
     Few rows per expert (decode) stream weights: short row blocks, wide K tiles.
-    Many rows (prefill) are compute bound: big square tiles. Chosen from
-    benchmarks/moe_layer.py sweeps on an H100/H200 (docs/benchmarks.md).
+    Many rows (prefill) are compute bound: big square tiles. To be checked with
+    ``benchmarks/moe_layer.py --sweep`` on the GPU.
     """
     rows_per_expert = num_pairs / num_experts
     if rows_per_expert <= 8:
@@ -68,7 +68,7 @@ class BlockLayout:
 
 def align_to_blocks(expert_ids: torch.Tensor, num_experts: int, block_m: int) -> BlockLayout:
     """Sort the pairs of ``expert_ids`` [tokens, top_k] by expert, on the device."""
-    flat = expert_ids.flatten()
+    flat = expert_ids.flatten().long()
     num_pairs = flat.numel()
     device = flat.device
     counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
@@ -91,7 +91,8 @@ def align_to_blocks(expert_ids: torch.Tensor, num_experts: int, block_m: int) ->
     return BlockLayout(sorted_pairs, block_experts, padded_end[-1:].to(torch.int32))
 
 
-@triton.jit
+# num_pairs changes with the batch: specializing on it would compile per batch size class.
+@triton.jit(do_not_specialize=["num_pairs"])
 def _grouped_gemm_kernel(
         a_ptr, b_ptr, out_ptr, weights_ptr,
         sorted_pairs_ptr, block_experts_ptr, num_padded_ptr,
