@@ -18,7 +18,7 @@ TRITON_INTERPRET=1 against ``moe.experts_reference``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -38,16 +38,24 @@ class Tile:
 def pick_tiles(num_pairs: int, num_experts: int) -> tuple[Tile, Tile]:
     """Tiles for the gate/up and the down GEMM, by the mean rows per expert.
 
-    Few rows per expert (decode) stream weights: short row blocks, wide K tiles.
-    Many rows (prefill) are compute bound: big square tiles. To be checked with
-    ``benchmarks/moe_layer.py --sweep`` on the GPU.
+    Few rows per expert (decode) stream weights: short row blocks, deep K tiles.
+    Many rows (prefill) are compute bound: tall tiles, 8 warps. From
+    ``benchmarks/moe_layer.py --sweep`` on an H200 at qwen1.5-moe-a2.7b's sizes
+    (docs/benchmarks.md, "Mixture of experts").
     """
     rows_per_expert = num_pairs / num_experts
-    if rows_per_expert <= 8:
-        return (Tile(16, 64, 128, 1, 4, 4), Tile(16, 64, 128, 1, 4, 4))
+    if rows_per_expert <= 12:
+        return Tile(16, 64, 128, 1, 4, 4), Tile(16, 64, 128, 1, 4, 4)
+    if rows_per_expert <= 24:
+        return Tile(32, 64, 128, 4, 4, 3), Tile(32, 128, 128, 4, 4, 3)
     if rows_per_expert <= 48:
-        return (Tile(32, 64, 128, 4, 4, 4), Tile(32, 64, 128, 4, 4, 4))
-    return (Tile(64, 128, 64, 8, 4, 4), Tile(64, 128, 64, 8, 4, 4))
+        return Tile(64, 64, 64, 8, 8, 4), Tile(64, 128, 64, 8, 8, 4)
+    return Tile(128, 128, 64, 8, 8, 4), Tile(128, 256, 64, 8, 8, 4)
+
+
+def fit_to_dtype(tile: Tile, element_size: int) -> Tile:
+    """float32 tiles take twice the shared memory per stage: keep two stages in flight."""
+    return tile if element_size <= 2 else replace(tile, num_stages=min(tile.num_stages, 2))
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,7 +209,8 @@ def fused_experts(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor,
     num_pairs = num_tokens * top_k
     if num_pairs == 0:
         return torch.zeros_like(hidden_states)
-    gate_up_tile, down_tile = tiles or pick_tiles(num_pairs, num_experts)
+    gate_up_tile, down_tile = (fit_to_dtype(tile, hidden_states.element_size())
+                               for tile in tiles or pick_tiles(num_pairs, num_experts))
     if gate_up_tile.block_m != down_tile.block_m:
         raise ValueError("both GEMMs must use the same block_m (they share one layout)")
     layout = align_to_blocks(expert_ids, num_experts, gate_up_tile.block_m)
