@@ -66,8 +66,12 @@ def run_hf(config_dir: Path, prompts, output_lens, args) -> dict:
     try:
         from transformers import ContinuousBatchingConfig
 
+        # HF sizes its paged cache from free memory without counting MoE activations;
+        # --hf-memory-percent leaves room for them (its default OOMs on qwen1.5-moe).
+        memory = ({} if args.hf_memory_percent is None
+                  else {"max_memory_percent": args.hf_memory_percent})
         manager_kwargs["continuous_batching_config"] = ContinuousBatchingConfig(
-            use_cuda_graph=True)
+            use_cuda_graph=True, **memory)
     except ImportError:
         pass
     with model.continuous_batching_context_manager(**manager_kwargs) as manager:
@@ -82,6 +86,8 @@ def run_hf(config_dir: Path, prompts, output_lens, args) -> dict:
             num_output += len(result.generated_tokens)
             remaining -= 1
         seconds = time.perf_counter() - started
+    if num_output != sum(output_lens):
+        raise RuntimeError(f"HF produced {num_output} of {sum(output_lens)} output tokens")
     del model
     _free_gpu()
     return {"engine": "hf-transformers", "seconds": seconds, "output_tokens": num_output,
@@ -105,6 +111,8 @@ def main() -> None:
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--hf-memory-percent", type=float, default=None,
+                        help="HF's max_memory_percent for its paged cache (default: HF's own)")
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
     args = parser.parse_args()
 

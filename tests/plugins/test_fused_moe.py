@@ -43,7 +43,7 @@ def check(hidden_states, gate_up, down, routing, tiles=None):
     (37, 48, 40, 8, 2),      # several row blocks per expert
     (20, 64, 32, 4, 4),      # every token visits every expert
 ])
-def test_matches_reference_on_random_routing(num_tokens, hidden, intermediate, num_experts,
+def test_matches_reference_on_random_routing(align_path, num_tokens, hidden, intermediate, num_experts,
                                              top_k):
     gate_up, down = make_experts(num_experts, hidden, intermediate)
     generator = torch.Generator().manual_seed(1)
@@ -52,7 +52,7 @@ def test_matches_reference_on_random_routing(num_tokens, hidden, intermediate, n
     check(x, gate_up, down, routing_from(logits, top_k, renormalize=True))
 
 
-def test_uneven_loads_and_experts_without_tokens():
+def test_uneven_loads_and_experts_without_tokens(align_path):
     num_experts, top_k = 8, 2
     gate_up, down = make_experts(num_experts, 32, 24, seed=2)
     generator = torch.Generator().manual_seed(3)
@@ -96,10 +96,20 @@ def test_tiles_must_share_block_m():
                                  fused_moe.Tile(32, 32, 32, 1, 4, 2)))
 
 
-def test_block_layout_sorts_every_pair_into_single_expert_blocks():
+@pytest.fixture(params=["one-program", "torch"])
+def align_path(request, monkeypatch):
+    """Run a test through each of align_to_blocks' two implementations."""
+    if request.param == "torch":
+        monkeypatch.setattr(fused_moe, "SINGLE_PROGRAM_MAX_PAIRS", -1)
+    return request.param
+
+
+def test_block_layout_sorts_every_pair_into_single_expert_blocks(align_path):
     expert_ids = torch.tensor([[3, 0], [3, 1], [0, 3], [3, 2], [1, 3]])
     block_m = 4
-    layout = fused_moe.align_to_blocks(expert_ids, num_experts=5, block_m=block_m)
+    layout = fused_moe.align_to_blocks(expert_ids.to(DEVICE), num_experts=5, block_m=block_m)
+    layout = fused_moe.BlockLayout(*(t.cpu() for t in (layout.sorted_pairs,
+                                                       layout.block_experts, layout.num_padded)))
     num_pairs = expert_ids.numel()
     num_padded = int(layout.num_padded)
     # Expert 0: 2 pairs, 1: 2, 2: 1, 3: 5, 4: 0 -> padded 4 + 4 + 4 + 8 = 20 rows.
@@ -113,6 +123,22 @@ def test_block_layout_sorts_every_pair_into_single_expert_blocks():
         pairs = pairs[pairs < num_pairs]
         assert pairs.numel() > 0 and (flat[pairs] == expert).all()
     assert (layout.sorted_pairs[num_padded:] == num_pairs).all()
+
+
+@pytest.mark.parametrize("num_experts,block_m", [(60, 16), (8, 64), (5, 32)])
+def test_both_sorts_give_the_same_layout(monkeypatch, num_experts, block_m):
+    """The one-program sort (chunks of pairs, several chunks here) is stable like argsort."""
+    generator = torch.Generator().manual_seed(num_experts)
+    expert_ids = torch.randint(0, num_experts, (750, 4), generator=generator).to(DEVICE)
+    expert_ids[:300] = expert_ids[:300] % 3  # uneven: the first experts get more
+    one_program = fused_moe.align_to_blocks(expert_ids, num_experts, block_m)
+    monkeypatch.setattr(fused_moe, "SINGLE_PROGRAM_MAX_PAIRS", -1)
+    with_torch = fused_moe.align_to_blocks(expert_ids, num_experts, block_m)
+    num_blocks = int(with_torch.num_padded) // block_m
+    assert int(one_program.num_padded) == int(with_torch.num_padded)
+    assert torch.equal(one_program.sorted_pairs, with_torch.sorted_pairs)
+    assert torch.equal(one_program.block_experts[:num_blocks],
+                       with_torch.block_experts[:num_blocks])
 
 
 def test_no_tokens():
