@@ -1,7 +1,8 @@
 """Decode latency at batch 1 and 8 (prompt 32, output 128; vLLM ``bench latency`` defaults).
 
 Prints ms per output token and, for batch 1, the fraction of the weight-bandwidth
-floor (weight bytes / measured device copy bandwidth) that was achieved.
+floor (weight bytes one token reads / measured device copy bandwidth) that was
+achieved. A MoE token reads only its top-k experts of each layer.
 
     python benchmarks/latency.py --model qwen2-7b
 """
@@ -40,6 +41,19 @@ def measure_copy_bandwidth() -> float:
     return 2 * (2 << 30) / sorted(times)[len(times) // 2]
 
 
+def weight_bytes_per_token(model) -> float:
+    """Weight bytes a batch-1 decode step reads: all of them, except that each layer's
+    stacked experts (``*.experts.*``) are read only for the token's top-k."""
+    config = model.config
+    num_experts = getattr(config, "num_experts", 0) or 0
+    expert_share = config.num_experts_per_tok / num_experts if num_experts else 1.0
+    total = 0.0
+    for name, param in model.named_parameters():
+        size = param.numel() * param.element_size()
+        total += size * expert_share if ".experts." in name else size
+    return total
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="qwen2-0.5b")
@@ -57,7 +71,7 @@ def main() -> None:
     llm = LLM(model=str(write_model_config(args.model)), load_format="dummy", dtype="bfloat16",
               skip_tokenizer_init=True, enforce_eager=args.enforce_eager or None)
     model = llm.engine.components.runner.model
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    weight_bytes = weight_bytes_per_token(model)
     floor_ms = weight_bytes / bandwidth * 1e3
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
     rows = []
@@ -75,7 +89,8 @@ def main() -> None:
                      "ms_per_token": seconds / args.output_len * 1e3})
 
     print(f"\nlatency: model {args.model}, device {device_short_name()}, prompt "
-          f"{args.input_len}, output {args.output_len}; weights {weight_bytes / 1e9:.2f} GB, "
+          f"{args.input_len}, output {args.output_len}; weights read per token "
+          f"{weight_bytes / 1e9:.2f} GB, "
           f"copy bandwidth {bandwidth / 1e12:.2f} TB/s, floor {floor_ms:.2f} ms/token")
     print(f"{'batch':>6}{'request s':>11}{'ms/token':>10}{'floor/actual':>14}")
     for row in rows:
