@@ -15,7 +15,8 @@ from kvloom.plugins.models.layers.attention import PagedAttention
 from kvloom.plugins.models.layers.linear import Linear
 from kvloom.plugins.models.layers.norm import RMSNorm
 from kvloom.plugins.models.layers.rotary import RotaryEmbedding, rope_scaling_of, rope_theta_of
-from kvloom.plugins.models.layers.weights import StackedShard, load_weights_by_name
+from kvloom.plugins.models.layers.weights import (StackedShard, load_weights_by_name,
+                                                  require_filled)
 
 
 @hookimpl
@@ -160,10 +161,19 @@ class Qwen2ForCausalLM(nn.Module):
         return len(self.model.layers)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Every checkpoint tensor named as in HF; a parameter left unfilled is an error."""
+        filled: set[tuple[str, str | None]] = set()
+        consumed = self.load_named_weights(weights, filled)
+        require_filled(self, filled, STACKED_SHARDS)
+        return consumed
+
+    def load_named_weights(self, weights: Iterable[tuple[str, torch.Tensor]],
+                           filled: set[tuple[str, str | None]]) -> set[str]:
+        """Copy the tensors in, recording what was filled; subclasses map other names."""
         attention = self.model.layers[0].self_attn
         sizes = {"qkv_proj": [attention.q_size, attention.kv_size, attention.kv_size]}
         skip = {"lm_head.weight"} if self.tie_word_embeddings else set()
-        return load_weights_by_name(self, weights, STACKED_SHARDS, sizes, skip)
+        return load_weights_by_name(self, weights, STACKED_SHARDS, sizes, skip, filled)
 
 
 def check_supported(hf_config) -> None:

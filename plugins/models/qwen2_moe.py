@@ -94,12 +94,13 @@ class Qwen2MoeForCausalLM(Qwen2ForCausalLM):
             raise ValueError(f"num_experts_per_tok={hf_config.num_experts_per_tok} must be in "
                              f"1..num_experts ({hf_config.num_experts})")
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+    def load_named_weights(self, weights: Iterable[tuple[str, torch.Tensor]],
+                           filled: set[tuple[str, str | None]]) -> set[str]:
         """HF checkpoints store experts one by one (``experts.{e}.gate_proj.weight``);
         transformers 5 may also save them stacked (``experts.gate_up_proj``). Both load."""
         expert_loader = PerExpertLoader(dict(self.named_parameters()))
-        consumed = super().load_weights(expert_loader.filter(weights))
-        expert_loader.check_complete()
+        consumed = super().load_named_weights(expert_loader.filter(weights), filled)
+        filled |= expert_loader.filled_parameters()
         return consumed | expert_loader.consumed
 
 
@@ -142,12 +143,16 @@ class PerExpertLoader:
         self.consumed.add(name)
         self._seen.setdefault(experts, set()).add((expert, proj))
 
-    def check_complete(self) -> None:
-        """A layer whose experts came one by one must have had every one of them."""
+    def filled_parameters(self) -> set[tuple[str, None]]:
+        """The stacked parameters filled expert by expert, as ``require_filled`` counts
+        them; a layer that had some of its experts' tensors must have had all."""
+        filled = set()
         for experts, seen in self._seen.items():
             num_experts = self.params[f"{experts}.down_proj"].shape[0]
             for expert in range(num_experts):
                 for proj in ("gate_proj", "up_proj", "down_proj"):
                     if (expert, proj) not in seen:
                         raise ValueError(f"checkpoint has no tensor "
-                                         f"{experts}.{expert}.{proj}.weight")
+                                         f"'{experts}.{expert}.{proj}.weight'")
+            filled |= {(f"{experts}.gate_up_proj", None), (f"{experts}.down_proj", None)}
+        return filled

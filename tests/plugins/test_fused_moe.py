@@ -28,12 +28,14 @@ def routing_from(logits, top_k, renormalize=False):
     return route_top_k(logits, top_k, renormalize)
 
 
-def check(hidden_states, gate_up, down, routing, tiles=None):
+def check(hidden_states, gate_up, down, routing, tiles=None, dtype=torch.float32):
     expected = experts_reference(hidden_states, gate_up, down, routing)
-    out = fused_moe.fused_experts(hidden_states.to(DEVICE), gate_up.to(DEVICE), down.to(DEVICE),
-                                  routing.weights.to(DEVICE), routing.expert_ids.to(DEVICE),
-                                  tiles)
-    torch.testing.assert_close(out.cpu(), expected, atol=1e-5, rtol=1e-5)
+    out = fused_moe.fused_experts(*(t.to(DEVICE, dtype) for t in (hidden_states, gate_up, down,
+                                                                  routing.weights)),
+                                  routing.expert_ids.to(DEVICE), tiles)
+    assert out.dtype == dtype
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.cpu().float(), expected, atol=tolerance, rtol=tolerance)
     return out
 
 
@@ -50,6 +52,32 @@ def test_matches_reference_on_random_routing(align_path, num_tokens, hidden, int
     x = torch.randn(num_tokens, hidden, generator=generator)
     logits = torch.randn(num_tokens, num_experts, generator=generator)
     check(x, gate_up, down, routing_from(logits, top_k, renormalize=True))
+
+
+def test_float16():
+    """Half-precision operands with float32 accumulation (Triton's interpreter cannot
+    emulate bfloat16 dots; the GPU tests cover bf16)."""
+    gate_up, down = make_experts(8, 64, 48, seed=9)
+    generator = torch.Generator().manual_seed(10)
+    x = torch.randn(21, 64, generator=generator)
+    routing = routing_from(torch.randn(21, 8, generator=generator), 2)
+    as_half = [t.half().float() for t in (x, gate_up, down, routing.weights)]
+    check(*as_half[:3], Routing(as_half[3], routing.expert_ids), dtype=torch.float16)
+
+
+@pytest.mark.parametrize("limit,element_size,gated,expected_stages,expected_n", [
+    (None, 2, True, 4, 128),          # interpreter: as picked
+    (232_448, 2, True, 4, 128),       # Hopper: 4 x (128 + 256) x 64 x 2 = 196,608 fits
+    (166_912, 2, True, 3, 128),       # A100: one stage fewer
+    (101_376, 2, True, 2, 128),       # sm86/sm89: two stages
+    (65_536, 2, True, 2, 64),         # then narrower N tiles
+    (232_448, 4, False, 2, 128),      # float32: at most two stages
+])
+def test_tiles_shrink_to_fit_shared_memory(limit, element_size, gated, expected_stages,
+                                           expected_n):
+    tile = fused_moe.fit_to_device(fused_moe.Tile(128, 128, 64, 8, 8, 4), element_size, gated,
+                                   limit)
+    assert (tile.num_stages, tile.block_n, tile.block_m) == (expected_stages, expected_n, 128)
 
 
 def test_uneven_loads_and_experts_without_tokens(align_path):

@@ -53,9 +53,36 @@ def pick_tiles(num_pairs: int, num_experts: int) -> tuple[Tile, Tile]:
     return Tile(128, 128, 64, 8, 8, 4), Tile(128, 256, 64, 8, 8, 4)
 
 
-def fit_to_dtype(tile: Tile, element_size: int) -> Tile:
-    """float32 tiles take twice the shared memory per stage: keep two stages in flight."""
-    return tile if element_size <= 2 else replace(tile, num_stages=min(tile.num_stages, 2))
+def fit_to_device(tile: Tile, element_size: int, gated: bool,
+                  shared_memory: int | None) -> Tile:
+    """The tile with fewer pipeline stages, then narrower N, until its operand buffers fit
+    ``shared_memory`` bytes per block (None: no limit, as in the interpreter).
+
+    The tiles above were tuned on Hopper (227 KB); an A100 has 163 KB, consumer GPUs
+    99 KB, and float32 operands need twice the room per stage (kept to two stages,
+    the setting tested on the GPU).
+    """
+    if element_size > 2:
+        tile = replace(tile, num_stages=min(tile.num_stages, 2))
+    if shared_memory is None:
+        return tile
+    b_tiles = 2 if gated else 1  # the gated GEMM loads gate and up tiles
+    while (tile.num_stages * (tile.block_m + b_tiles * tile.block_n) * tile.block_k
+           * element_size > shared_memory):
+        if tile.num_stages > 2:
+            tile = replace(tile, num_stages=tile.num_stages - 1)
+        elif tile.block_n > 16:
+            tile = replace(tile, block_n=tile.block_n // 2)
+        else:
+            break
+    return tile
+
+
+def shared_memory_per_block(device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin",
+                   None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,8 +302,10 @@ def fused_experts(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor,
     num_pairs = num_tokens * top_k
     if num_pairs == 0:
         return torch.zeros_like(hidden_states)
-    gate_up_tile, down_tile = (fit_to_dtype(tile, hidden_states.element_size())
-                               for tile in tiles or pick_tiles(num_pairs, num_experts))
+    gate_up_tile, down_tile = tiles or pick_tiles(num_pairs, num_experts)
+    shared_memory = shared_memory_per_block(hidden_states.device)
+    gate_up_tile = fit_to_device(gate_up_tile, hidden_states.element_size(), True, shared_memory)
+    down_tile = fit_to_device(down_tile, hidden_states.element_size(), False, shared_memory)
     if gate_up_tile.block_m != down_tile.block_m:
         raise ValueError("both GEMMs must use the same block_m (they share one layout)")
     layout = align_to_blocks(expert_ids, num_experts, gate_up_tile.block_m)

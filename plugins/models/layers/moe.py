@@ -64,11 +64,12 @@ def experts_reference(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor,
 class FusedExperts(nn.Module):
     """The stacked weights of ``num_experts`` SiLU gated MLPs and their forward pass."""
 
+    # The Triton kernel on CPU tensors, for tests under TRITON_INTERPRET=1.
+    triton_on_cpu = False
+
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
                  dtype: torch.dtype):
         super().__init__()
-        self.num_experts = num_experts
-        self.intermediate_size = intermediate_size
         self.gate_up_proj = nn.Parameter(
             torch.empty(num_experts, 2 * intermediate_size, hidden_size, dtype=dtype),
             requires_grad=False)
@@ -77,7 +78,7 @@ class FusedExperts(nn.Module):
             requires_grad=False)
 
     def forward(self, hidden_states: torch.Tensor, routing: Routing) -> torch.Tensor:
-        if hidden_states.is_cuda:
+        if hidden_states.is_cuda or self.triton_on_cpu:
             from kvloom.plugins.models.layers import fused_moe
 
             return fused_moe.fused_experts(hidden_states, self.gate_up_proj, self.down_proj,

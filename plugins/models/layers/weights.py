@@ -26,7 +26,8 @@ class StackedShard:
 
 def load_weights_by_name(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
                          shards: list[StackedShard], shard_sizes: dict[str, list[int]],
-                         skip: set[str] = frozenset()) -> set[str]:
+                         skip: set[str] = frozenset(),
+                         filled: set[tuple[str, str | None]] | None = None) -> set[str]:
     """Copy checkpoint tensors into ``model``; returns the checkpoint names consumed.
 
     Args:
@@ -34,6 +35,8 @@ def load_weights_by_name(model: nn.Module, weights: Iterable[tuple[str, torch.Te
         shard_sizes: fused module name -> output size of each shard, in order; a fused
             module not named here is split into equal parts (gate_up_proj).
         skip: checkpoint names that are expected and ignored (tied lm_head, ...).
+        filled: if given, receives (parameter name, shard part or None) for every
+            tensor copied, for ``require_filled``.
     """
     params = dict(model.named_parameters())
     consumed = set()
@@ -52,7 +55,23 @@ def load_weights_by_name(model: nn.Module, weights: Iterable[tuple[str, torch.Te
                              f"expected {tuple(destination.shape)}")
         destination.copy_(tensor)
         consumed.add(name)
+        if filled is not None:
+            filled.add((target, None if shard is None else shard.part))
     return consumed
+
+
+def require_filled(model: nn.Module, filled: set[tuple[str, str | None]],
+                   shards: list[StackedShard]) -> None:
+    """Refuse a checkpoint that left any parameter (or part of a fused one) unwritten:
+    it would run on whatever memory the parameter was allocated with."""
+    for name, _ in model.named_parameters():
+        module_name = name.split(".")[-2] if "." in name else ""
+        parts = [shard.part for shard in shards if shard.fused == module_name] or [None]
+        for part in parts:
+            if (name, part) not in filled:
+                expected = name if part is None else name.replace(f".{module_name}.",
+                                                                    f".{part}.")
+                raise ValueError(f"checkpoint has no tensor {expected!r}")
 
 
 def _locate(name: str, shards: list[StackedShard]) -> tuple[str, StackedShard | None]:
