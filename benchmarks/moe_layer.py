@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import triton
 
-from kvloom.plugins.models.layers import fused_moe
+from kvloom.plugins.models.layers import fused_moe, moe_sort
 from kvloom.plugins.models.layers.moe import Routing, experts_reference, route_top_k
 
 TOKENS = [1, 8, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
@@ -105,7 +105,7 @@ def sweep(x, gate_up, down, routing, default_ms: float) -> dict:
     weights = routing.weights.flatten().contiguous()
     # The default tiles' intermediate and per-pair outputs are what every candidate must give.
     default = fused_moe.pick_tiles(num_pairs, num_experts)
-    layout = fused_moe.align_to_blocks(ids, num_experts, default[0].block_m)
+    layout = moe_sort.align_to_blocks(ids, num_experts, default[0].block_m)
     activated = torch.empty(num_pairs, down.shape[2], dtype=x.dtype, device=x.device)
     per_pair = torch.empty(num_pairs, down.shape[1], dtype=x.dtype, device=x.device)
     fused_moe._grouped_gemm(x, gate_up, activated, layout, default[0], num_pairs, top_k,
@@ -118,7 +118,7 @@ def sweep(x, gate_up, down, routing, default_ms: float) -> dict:
         # Blocks far taller than an expert's rows are padding; far shorter ones re-read weights.
         if block_m > max(16, 4 * rows_per_expert) or block_m < rows_per_expert / 16:
             continue
-        layout = fused_moe.align_to_blocks(ids, num_experts, block_m)
+        layout = moe_sort.align_to_blocks(ids, num_experts, block_m)
         group_m = {16: 1, 32: 4}.get(block_m, 8)
         tiles = [fused_moe.Tile(block_m, *shape[:2], group_m, *shape[2:])
                  for shape in (SWEEP_SHORT if block_m <= 32 else SWEEP_TALL)]

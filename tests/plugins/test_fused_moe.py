@@ -11,7 +11,7 @@ pytest.importorskip("triton")
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 
-from kvloom.plugins.models.layers import fused_moe  # noqa: E402
+from kvloom.plugins.models.layers import fused_moe, moe_sort  # noqa: E402
 from kvloom.plugins.models.layers.moe import Routing, experts_reference, route_top_k  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -128,15 +128,15 @@ def test_tiles_must_share_block_m():
 def align_path(request, monkeypatch):
     """Run a test through each of align_to_blocks' two implementations."""
     if request.param == "torch":
-        monkeypatch.setattr(fused_moe, "SINGLE_PROGRAM_MAX_PAIRS", -1)
+        monkeypatch.setattr(moe_sort, "SINGLE_PROGRAM_MAX_PAIRS", -1)
     return request.param
 
 
 def test_block_layout_sorts_every_pair_into_single_expert_blocks(align_path):
     expert_ids = torch.tensor([[3, 0], [3, 1], [0, 3], [3, 2], [1, 3]])
     block_m = 4
-    layout = fused_moe.align_to_blocks(expert_ids.to(DEVICE), num_experts=5, block_m=block_m)
-    layout = fused_moe.BlockLayout(*(t.cpu() for t in (layout.sorted_pairs,
+    layout = moe_sort.align_to_blocks(expert_ids.to(DEVICE), num_experts=5, block_m=block_m)
+    layout = moe_sort.BlockLayout(*(t.cpu() for t in (layout.sorted_pairs,
                                                        layout.block_experts, layout.num_padded)))
     num_pairs = expert_ids.numel()
     num_padded = int(layout.num_padded)
@@ -159,9 +159,9 @@ def test_both_sorts_give_the_same_layout(monkeypatch, num_experts, block_m):
     generator = torch.Generator().manual_seed(num_experts)
     expert_ids = torch.randint(0, num_experts, (750, 4), generator=generator).to(DEVICE)
     expert_ids[:300] = expert_ids[:300] % 3  # uneven: the first experts get more
-    one_program = fused_moe.align_to_blocks(expert_ids, num_experts, block_m)
-    monkeypatch.setattr(fused_moe, "SINGLE_PROGRAM_MAX_PAIRS", -1)
-    with_torch = fused_moe.align_to_blocks(expert_ids, num_experts, block_m)
+    one_program = moe_sort.align_to_blocks(expert_ids, num_experts, block_m)
+    monkeypatch.setattr(moe_sort, "SINGLE_PROGRAM_MAX_PAIRS", -1)
+    with_torch = moe_sort.align_to_blocks(expert_ids, num_experts, block_m)
     num_blocks = int(with_torch.num_padded) // block_m
     assert int(one_program.num_padded) == int(with_torch.num_padded)
     assert torch.equal(one_program.sorted_pairs, with_torch.sorted_pairs)
