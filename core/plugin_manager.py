@@ -20,6 +20,9 @@ from kvloom import hookspecs
 logger = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "kvloom"
+# A plugin module's declaration of the plugin API versions it works with, as a PEP 440
+# range: KVLOOM_PLUGIN_API = ">=1.0,<2". A plugin that declares none is loaded as is.
+API_DECLARATION = "KVLOOM_PLUGIN_API"
 
 
 @dataclass(slots=True)
@@ -31,6 +34,7 @@ class PluginInfo:
     distribution: str | None
     version: str | None
     error: str | None = None
+    api: str | None = None  # the declared KVLOOM_PLUGIN_API range, if any
 
 
 class KvloomPluginManager(pluggy.PluginManager):
@@ -52,8 +56,9 @@ class KvloomPluginManager(pluggy.PluginManager):
         if name in self.plugin_infos:
             raise ValueError(f"a plugin named {name!r} is already registered "
                              f"(from {self.plugin_infos[name].module})")
+        api = check_api_compatible(plugin, name)
         self._register_checked(plugin, name)
-        self.plugin_infos[name] = PluginInfo(name, module, distribution, version)
+        self.plugin_infos[name] = PluginInfo(name, module, distribution, version, api=api)
 
     def _register_checked(self, plugin: Any, name: str) -> None:
         """Register ``plugin`` completely or not at all.
@@ -113,13 +118,38 @@ class KvloomPluginManager(pluggy.PluginManager):
         )
         try:
             plugin = entry_point.load()
+            info.api = check_api_compatible(plugin, entry_point.name)
             self._register_checked(plugin, entry_point.name)
         except Exception as exc:  # a broken plugin must not take the engine down silently
             # One line, so `kvloom plugins` keeps one row per plugin (pluggy's are multi-line).
             info.error = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
-            logger.error("kvloom plugin %r (%s) failed to load: %s",
-                         entry_point.name, entry_point.value, info.error)
+            logger.error("kvloom plugin %r (%s, distribution %s) failed to load: %s",
+                         entry_point.name, entry_point.value, info.distribution or "unknown",
+                         info.error)
         self.plugin_infos[entry_point.name] = info
+
+
+def check_api_compatible(plugin: Any, name: str) -> str | None:
+    """The plugin's declared API range; refuses one this kvloom's API is outside of.
+
+    Raises:
+        ValueError: the declaration is not a version range, or excludes
+            :data:`kvloom.hookspecs.PLUGIN_API_VERSION`.
+    """
+    declared = getattr(plugin, API_DECLARATION, None)
+    if declared is None:
+        return None
+    from packaging.specifiers import InvalidSpecifier, SpecifierSet
+
+    try:
+        supported = SpecifierSet(str(declared))
+    except InvalidSpecifier:
+        raise ValueError(f"plugin {name!r} declares {API_DECLARATION} = {declared!r}, which "
+                         "is not a version range such as '>=1.0,<2'") from None
+    if not supported.contains(hookspecs.PLUGIN_API_VERSION, prereleases=True):
+        raise ValueError(f"plugin {name!r} supports kvloom plugin API {declared}, but this "
+                         f"kvloom provides API {hookspecs.PLUGIN_API_VERSION}")
+    return str(declared)
 
 
 def _unique_entry_points() -> list[EntryPoint]:

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from kvloom.hookspecs import hookimpl
 from kvloom.interfaces.attention import AttentionBackend, AttentionImpl, AttentionInputs, AttentionSpec
 
+KVLOOM_PLUGIN_API = ">=1.0,<2"  # the kvloom plugin API versions this module supports
+
 
 @hookimpl
 def register_attention_backends(register):

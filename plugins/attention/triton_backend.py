@@ -17,6 +17,8 @@ from kvloom.hookspecs import hookimpl
 from kvloom.interfaces.attention import (AttentionBackend, AttentionImpl, AttentionInputs,
                                          AttentionSpec)
 
+KVLOOM_PLUGIN_API = ">=1.0,<2"  # the kvloom plugin API versions this module supports
+
 MAX_HEAD_SIZE = 256
 KV_TILE = 64          # keys per inner-loop iteration
 MAX_DECODE_SPLITS = 16

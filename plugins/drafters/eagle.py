@@ -21,6 +21,8 @@ from kvloom.hookspecs import hookimpl
 from kvloom.interfaces.attention import AttentionSpec
 from kvloom.interfaces.drafter import DraftInputs, Drafter, DrafterContext, TargetStep
 
+KVLOOM_PLUGIN_API = ">=1.0,<2"  # the kvloom plugin API versions this module supports
+
 
 @hookimpl
 def register_drafters(register):

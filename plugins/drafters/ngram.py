@@ -14,6 +14,8 @@ import numpy as np
 from kvloom.hookspecs import hookimpl
 from kvloom.interfaces.drafter import Drafter, DraftInputs
 
+KVLOOM_PLUGIN_API = ">=1.0,<2"  # the kvloom plugin API versions this module supports
+
 # As vLLM: with neither bound set, both are 5.
 DEFAULT_LOOKUP = 5
 

@@ -10,6 +10,8 @@ import torch
 from kvloom.hookspecs import hookimpl
 from kvloom.interfaces.loader import ModelLoader
 
+KVLOOM_PLUGIN_API = ">=1.0,<2"  # the kvloom plugin API versions this module supports
+
 DUMMY_STD = 0.02  # keeps activations finite through dozens of layers
 
 

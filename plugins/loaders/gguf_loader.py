@@ -23,6 +23,8 @@ from kvloom.hookspecs import hookimpl
 from kvloom.interfaces.loader import ModelLoader
 from kvloom.plugins.loaders.safetensors_loader import load_checkpoint_dir
 
+KVLOOM_PLUGIN_API = ">=1.0,<2"  # the kvloom plugin API versions this module supports
+
 
 @hookimpl
 def register_model_loaders(register):

@@ -11,6 +11,8 @@ import torch
 from kvloom.hookspecs import hookimpl
 from kvloom.interfaces.loader import ModelLoader
 
+KVLOOM_PLUGIN_API = ">=1.0,<2"  # the kvloom plugin API versions this module supports
+
 INDEX_FILE = "model.safetensors.index.json"
 
 

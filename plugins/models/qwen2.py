@@ -18,6 +18,8 @@ from kvloom.plugins.models.layers.rotary import RotaryEmbedding, rope_scaling_of
 from kvloom.plugins.models.layers.weights import (StackedShard, load_weights_by_name,
                                                   require_filled)
 
+KVLOOM_PLUGIN_API = ">=1.0,<2"  # the kvloom plugin API versions this module supports
+
 
 @hookimpl
 def register_models(register):

@@ -22,6 +22,8 @@ from kvloom.plugins.models.qwen2 import (GatedMLP, Qwen2Attention, Qwen2DecoderL
                                          Qwen2ForCausalLM, Qwen2Model)
 from kvloom.plugins.models.qwen2 import check_supported as check_qwen2_supported
 
+KVLOOM_PLUGIN_API = ">=1.0,<2"  # the kvloom plugin API versions this module supports
+
 
 @hookimpl
 def register_models(register):

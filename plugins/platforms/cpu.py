@@ -7,6 +7,8 @@ import torch
 from kvloom.hookspecs import hookimpl
 from kvloom.interfaces.platform import Platform
 
+KVLOOM_PLUGIN_API = ">=1.0,<2"  # the kvloom plugin API versions this module supports
+
 DEFAULT_CPU_KV_CACHE_BYTES = 4 << 30  # vLLM's CPU default KV space is 4 GiB too
 
 

@@ -7,6 +7,8 @@ import torch
 from kvloom.hookspecs import hookimpl
 from kvloom.interfaces.sampler import Sampler, SamplerOutput, SamplingMetadata
 
+KVLOOM_PLUGIN_API = ">=1.0,<2"  # the kvloom plugin API versions this module supports
+
 # Temperatures below this are greedy, as in vLLM: dividing logits by a tinier one
 # can overflow to inf, and softmax then turns the row into NaN.
 _SAMPLING_EPS = 1e-5

@@ -21,6 +21,8 @@ from kvloom.hookspecs import hookimpl
 from kvloom.interfaces.structured_output import Grammar, StructuredOutputBackend
 from kvloom.plugins.structured_output.json_schema_features import unenforced_features
 
+KVLOOM_PLUGIN_API = ">=1.0,<2"  # the kvloom plugin API versions this module supports
+
 SPEC_KINDS = ("json", "json_object", "regex", "choice", "grammar")
 MAX_JSON_WHITESPACE = 2   # bounds runaway whitespace between JSON tokens
 ANY_JSON_OBJECT = '{"type": "object"}'

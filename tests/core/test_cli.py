@@ -50,7 +50,8 @@ def test_plugins_lists_every_builtin():
     assert result.returncode == 0, decoded(result.stderr)
     header, *lines = out.splitlines()
     columns = header.split()
-    assert columns == ["KIND", "NAME", "PLUGIN", "MODULE", "DISTRIBUTION", "VERSION", "STATUS"]
+    assert columns == ["KIND", "NAME", "PLUGIN", "MODULE", "DISTRIBUTION", "VERSION", "API",
+                       "STATUS"]
     rows = [dict(zip(columns, re.split(r"\s{2,}", line.strip()))) for line in lines]
     version = importlib.metadata.version("kvloom")
     builtins = {ep.name: ep.value for ep in importlib.metadata.distribution("kvloom").entry_points
@@ -60,8 +61,8 @@ def test_plugins_lists_every_builtin():
         mine = [row for row in rows if row["PLUGIN"] == name]
         assert mine, f"plugin {name} is not listed:\n{out}"
         for row in mine:
-            assert (row["MODULE"], row["DISTRIBUTION"], row["VERSION"], row["STATUS"]) == (
-                module, "kvloom", version, "ok"), row
+            assert (row["MODULE"], row["DISTRIBUTION"], row["VERSION"], row["API"],
+                    row["STATUS"]) == (module, "kvloom", version, ">=1.0,<2", "ok"), row
     kinds_names = {(row["KIND"], row["NAME"]) for row in rows}
     assert {("platform", "cpu"), ("attention", "torch"), ("model", "Qwen2ForCausalLM"),
             ("loader", "safetensors"), ("loader", "dummy"), ("sampler", "default")} <= kinds_names

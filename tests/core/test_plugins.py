@@ -484,3 +484,74 @@ def test_plugins_are_per_engine(tiny_qwen2):
     assert recorder.stats == []
     run_greedy(with_plugin, [[1, 2, 3]], max_tokens=2)
     assert len(recorder.stats) == 2
+
+
+SAMPLER_PLUGIN = """
+from kvloom import hookimpl
+from kvloom.plugins.samplers.default import DefaultSampler
+
+KVLOOM_PLUGIN_API = {api!r}
+
+@hookimpl
+def register_samplers(register):
+    register("versioned", DefaultSampler)
+"""
+
+
+def test_builtins_declare_an_api_range_that_includes_this_kvloom():
+    from kvloom.hookspecs import PLUGIN_API_VERSION
+
+    manager = make_plugin_manager()
+    for name in BUILTIN_NAMES:
+        assert manager.plugin_infos[name].api == ">=1.0,<2", name
+    assert PLUGIN_API_VERSION.startswith("1.")
+
+
+@pytest.mark.parametrize("api,reason", [
+    (">=2.0", "supports kvloom plugin API >=2.0, but this kvloom provides API 1.0"),
+    ("<1.0", "supports kvloom plugin API <1.0, but this kvloom provides API 1.0"),
+    ("version two", "declares KVLOOM_PLUGIN_API = 'version two', which is not a version range"),
+])
+def test_incompatible_api_is_refused_and_the_engine_starts(fake_entry_points, tiny_qwen2,
+                                                          capsys, monkeypatch, api, reason):
+    module = "kvloom_test_api_" + "".join(c if c.isalnum() else "_" for c in api)
+    fake_entry_points("future", SAMPLER_PLUGIN.format(api=api), module=module)
+    manager = make_plugin_manager()
+    [error] = manager.load_errors
+    assert error.name == "future" and reason in error.error
+    assert manager.get_plugin("future") is None
+    assert "versioned" not in Registries(manager)["sampler"].names()
+    engine = Engine(engine_config(tiny_qwen2), plugin_manager=manager)  # the rest still work
+    engine.add_request("r", "Hello", SamplingParams(max_tokens=2))
+    while engine.has_unfinished_requests():
+        engine.step()
+    monkeypatch.delenv("KVLOOM_PLUGINS", raising=False)
+    assert cli.main(["plugins"]) == 1
+    [line] = [line for line in capsys.readouterr().out.splitlines() if "future" in line]
+    assert reason in line
+
+
+def test_compatible_api_loads_and_is_shown(fake_entry_points, capsys, monkeypatch):
+    fake_entry_points("current", SAMPLER_PLUGIN.format(api=">=1.0,<1.5"))
+    manager = make_plugin_manager()
+    assert not manager.load_errors
+    assert manager.plugin_infos["current"].api == ">=1.0,<1.5"
+    assert "versioned" in Registries(manager)["sampler"].names()
+    monkeypatch.delenv("KVLOOM_PLUGINS", raising=False)
+    assert cli.main(["plugins"]) == 0
+    [line] = [line for line in capsys.readouterr().out.splitlines() if "versioned" in line]
+    assert ">=1.0,<1.5" in line and line.endswith("ok")
+
+
+def test_add_plugin_with_incompatible_api_is_refused():
+    class FromTheFuture:
+        KVLOOM_PLUGIN_API = ">=3"
+
+        @hookimpl
+        def register_samplers(self, register):
+            register("future", object)
+
+    manager = make_plugin_manager()
+    with pytest.raises(ValueError, match="supports kvloom plugin API >=3"):
+        manager.add_plugin(FromTheFuture(), "from_the_future")
+    assert manager.get_plugin("from_the_future") is None
