@@ -95,12 +95,15 @@ class KvloomPluginManager(pluggy.PluginManager):
         exception text; it never stops the others from loading.
         """
         allowed = set(allowlist) if allowlist is not None else None
-        for entry_point in _unique_entry_points():
-            if allowed is not None and entry_point.name not in allowed:
+        for name, candidates in _entry_points_by_name().items():
+            if allowed is not None and name not in allowed:
                 continue
-            if entry_point.name in self.plugin_infos:
+            if name in self.plugin_infos:
                 continue  # loading twice is a no-op, not an error
-            self._load_entry_point(entry_point)
+            if len(candidates) > 1:
+                self._refuse_name_clash(candidates)
+                continue
+            self._load_entry_point(candidates[0])
         if allowed is not None:
             missing = allowed - set(self.plugin_infos)
             for name in sorted(missing):
@@ -109,13 +112,7 @@ class KvloomPluginManager(pluggy.PluginManager):
                     error="named in the plugin allow-list but no such entry point is installed")
 
     def _load_entry_point(self, entry_point: EntryPoint) -> None:
-        dist = entry_point.dist
-        info = PluginInfo(
-            name=entry_point.name,
-            module=entry_point.value,
-            distribution=dist.name if dist else None,
-            version=dist.version if dist else None,
-        )
+        info = _info_of(entry_point)
         try:
             plugin = entry_point.load()
             info.api = check_api_compatible(plugin, entry_point.name)
@@ -127,6 +124,27 @@ class KvloomPluginManager(pluggy.PluginManager):
                          entry_point.name, entry_point.value, info.distribution or "unknown",
                          info.error)
         self.plugin_infos[entry_point.name] = info
+
+    def _refuse_name_clash(self, candidates: list[EntryPoint]) -> None:
+        """Two distributions declare one plugin name: load neither, rather than let
+        the order of sys.path pick one silently."""
+        infos = sorted((_info_of(entry_point) for entry_point in candidates),
+                       key=lambda info: (info.distribution or "", info.module))
+        sources = " and ".join(f"{info.module} ({info.distribution or 'unknown distribution'})"
+                               for info in infos)
+        for index, info in enumerate(infos):
+            info.error = (f"plugin name {info.name!r} is declared by {sources}; neither is "
+                          "loaded. Uninstall one of them")
+            key = info.name if index == 0 else f"{info.name} [{info.distribution or index}]"
+            self.plugin_infos[key] = info
+        logger.error("kvloom plugin %r: %s", infos[0].name, infos[0].error)
+
+
+def _info_of(entry_point: EntryPoint) -> PluginInfo:
+    dist = entry_point.dist
+    return PluginInfo(name=entry_point.name, module=entry_point.value,
+                      distribution=dist.name if dist else None,
+                      version=dist.version if dist else None)
 
 
 def check_api_compatible(plugin: Any, name: str) -> str | None:
@@ -152,13 +170,18 @@ def check_api_compatible(plugin: Any, name: str) -> str | None:
     return str(declared)
 
 
-def _unique_entry_points() -> list[EntryPoint]:
-    # The same distribution can be visible twice (e.g. an editable install plus
-    # a build directory on sys.path); keep the first of each name.
-    seen: dict[str, EntryPoint] = {}
+def _entry_points_by_name() -> dict[str, list[EntryPoint]]:
+    """Installed ``kvloom`` entry points by name; more than one per name is a clash.
+
+    The same distribution can be visible twice (an editable install plus a build
+    directory on sys.path): entry points with the same module count once.
+    """
+    by_name: dict[str, list[EntryPoint]] = {}
     for entry_point in entry_points(group=ENTRY_POINT_GROUP):
-        seen.setdefault(entry_point.name, entry_point)
-    return list(seen.values())
+        same_name = by_name.setdefault(entry_point.name, [])
+        if all(known.value != entry_point.value for known in same_name):
+            same_name.append(entry_point)
+    return by_name
 
 
 def make_plugin_manager(allowlist: Iterable[str] | None = None,

@@ -185,6 +185,10 @@ def _build_model(config: EngineConfig, registries: Registries, platform: Platfor
     models = registries["model"]
     architecture = next((a for a in architectures if a in models.components), None)
     if architecture is None:
+        conflicts = [message for message in map(models.conflict_message, architectures)
+                     if message]
+        if conflicts:
+            raise PluginSelectionError(conflicts[0])
         raise PluginSelectionError(
             f"no model architecture registered for {architectures or 'this config'}; "
             f"registered: {', '.join(models.names()) or 'none'}")

@@ -37,7 +37,7 @@ def select_component(registry: Registry, name: str, auto_candidates: list[str],
     rejected: dict[str, list[str]] = {}
     for candidate in auto_candidates:
         if candidate not in registry.components:
-            rejected[candidate] = ["not registered"]
+            rejected[candidate] = [registry.conflict_message(candidate) or "not registered"]
             continue
         component = create(candidate)
         reasons = reasons_against(component)

@@ -11,26 +11,31 @@ def add_plugins_parser(commands) -> None:
 
 
 def plugin_rows(manager) -> list[tuple[str, ...]]:
-    """(kind, name, plugin, module, distribution, version, api, status) rows."""
-    from kvloom.registry import PLUGIN_KINDS, Registries, PluginSelectionError
+    """(kind, name, plugin, module, distribution, version, api, status) rows: every
+    component, then every plugin that failed to load, then every registration error
+    (a name two plugins registered, a register hook that raised)."""
+    from kvloom.registry import PLUGIN_KINDS, Registries
 
+    registries = Registries(manager)
     rows = []
-    try:
-        registries = Registries(manager)
-    except PluginSelectionError as exc:
-        return [("-", "-", "-", "-", "-", "-", "-", f"ERROR: {exc}")]
     for kind in PLUGIN_KINDS:
         for name in registries[kind].names():
-            component = registries[kind].components[name]
-            info = manager.plugin_infos.get(component.plugin_name)
-            rows.append((kind, name, component.plugin_name, info.module if info else "?",
-                         (info.distribution or "-") if info else "-",
-                         (info.version or "-") if info else "-",
-                         (info.api or "-") if info else "-", "ok"))
+            plugin = registries[kind].components[name].plugin_name
+            rows.append((kind, name, plugin, *_origin(manager, plugin), "ok"))
     for info in manager.load_errors:
-        rows.append(("?", "-", info.name, info.module, info.distribution or "-",
-                     info.version or "-", info.api or "-", f"ERROR: {info.error}"))
+        rows.append(("?", "-", info.name, *_origin(manager, info.name), f"ERROR: {info.error}"))
+    for error in registries.errors:
+        rows.append((error.kind, error.name or "-", ",".join(error.plugin_names),
+                     *_origin(manager, error.plugin_names[-1]), f"ERROR: {error.message}"))
     return rows
+
+
+def _origin(manager, plugin: str) -> tuple[str, str, str, str]:
+    """(module, distribution, version, api) of a plugin, "-" where unknown."""
+    info = manager.plugin_infos.get(plugin)
+    if info is None:
+        return ("?", "-", "-", "-")
+    return (info.module, info.distribution or "-", info.version or "-", info.api or "-")
 
 
 def run_plugins(args: argparse.Namespace) -> int:
@@ -44,4 +49,4 @@ def run_plugins(args: argparse.Namespace) -> int:
     for row in [header, *rows]:
         cells = [cell.ljust(width) for cell, width in zip(row, widths)]
         print("  ".join(cells + [row[-1]]))
-    return 1 if manager.load_errors else 0
+    return 1 if any(row[-1].startswith("ERROR") for row in rows) else 0

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
-from importlib.metadata import EntryPoint
 
 import pytest
 
-import kvloom.plugin_manager as plugin_manager_module
 from kvloom import Engine, EngineConfig, LLM, SamplingParams, hookimpl, make_plugin_manager
 from kvloom.engine.stats import EngineStats
 from kvloom.entrypoints import cli
@@ -123,27 +121,6 @@ def test_allowlisted_name_without_entry_point_is_a_load_error():
     assert error.name == "no_such_plugin"
     assert "no such entry point" in error.error
     assert manager.get_plugin("no_such_plugin") is None
-
-
-@pytest.fixture
-def fake_entry_points(tmp_path, monkeypatch):
-    """add(name, source): an installed-looking plugin module, listed before the built-ins."""
-    monkeypatch.syspath_prepend(str(tmp_path))
-    fakes: list[EntryPoint] = []
-    real_entry_points = plugin_manager_module.entry_points
-
-    def entry_points(**kwargs):
-        return [*fakes, *real_entry_points(**kwargs)]
-
-    monkeypatch.setattr(plugin_manager_module, "entry_points", entry_points)
-
-    def add(name: str, source: str | None = None, module: str | None = None) -> None:
-        module = module or f"kvloom_test_plugin_{name}"
-        if source is not None:
-            (tmp_path / f"{module}.py").write_text(source)
-        fakes.append(EntryPoint(name=name, value=module, group="kvloom"))
-
-    return add
 
 
 @pytest.fixture
@@ -285,38 +262,58 @@ class SamplerPlugin:
         register(self.sampler_name, self.factory)
 
 
-def test_duplicate_component_names_fail_naming_both_plugins():
-    manager = make_plugin_manager(allowlist=[], extra_plugins={
+def test_duplicate_component_names_are_a_conflict_naming_both_plugins():
+    manager = make_plugin_manager(allowlist=["default_sampler"], extra_plugins={
         "first_plugin": SamplerPlugin("twin"), "second_plugin": SamplerPlugin("twin")})
+    registries = Registries(manager)
+    [error] = registries.errors
+    assert (error.kind, error.name, error.plugin_names) == (
+        "sampler", "twin", ["first_plugin", "second_plugin"])
+    assert "twin" not in registries["sampler"].names()  # neither wins silently
+    assert "default" in registries["sampler"].names()
     with pytest.raises(PluginSelectionError) as excinfo:
-        Registries(manager)
+        registries["sampler"].get("twin")
     message = str(excinfo.value)
-    assert "'twin'" in message and "sampler" in message
+    assert "sampler 'twin' is registered twice" in message
     assert "'first_plugin'" in message and "'second_plugin'" in message
+
+
+def test_three_way_conflict_names_all_plugins():
+    manager = make_plugin_manager(allowlist=[], extra_plugins={
+        name: SamplerPlugin("twin") for name in ("a_plugin", "b_plugin", "c_plugin")})
+    [error] = Registries(manager).errors
+    assert error.plugin_names == ["a_plugin", "b_plugin", "c_plugin"]
+    assert all(f"'{name}'" in error.message for name in error.plugin_names)
 
 
 def test_duplicate_of_a_builtin_names_the_builtin():
     manager = make_plugin_manager(extra_plugins={"shadow": SamplerPlugin("default")})
     with pytest.raises(PluginSelectionError, match="default_sampler") as excinfo:
-        Registries(manager)
+        Registries(manager)["sampler"].get("default")
     assert "'shadow'" in str(excinfo.value)
 
 
 class RaisingRegisterPlugin:
     @hookimpl
     def register_attention_backends(self, register):
+        register("half_done", object)
         raise KeyError("missing kernel table")
 
 
 def test_register_hook_that_raises_names_the_plugin(tiny_qwen2):
     manager = make_plugin_manager(extra_plugins={"fragile_attention": RaisingRegisterPlugin()})
-    with pytest.raises(PluginSelectionError) as excinfo:
-        Registries(manager)
-    message = str(excinfo.value)
-    assert "'fragile_attention'" in message
-    assert "register_attention_backends" in message and "missing kernel table" in message
-    with pytest.raises(PluginSelectionError, match="fragile_attention"):
-        Engine(engine_config(tiny_qwen2), plugin_manager=manager)
+    registries = Registries(manager)
+    [error] = registries.errors
+    assert error.plugin_names == ["fragile_attention"] and error.name is None
+    assert "register_attention_backends" in error.message
+    assert "missing kernel table" in error.message
+    # What it registered before raising is dropped; the built-ins are all there.
+    assert "half_done" not in registries["attention"].names()
+    assert "torch" in registries["attention"].names()
+    with pytest.raises(PluginSelectionError, match="no attention backend named 'half_done'.*"
+                                                   "fragile_attention.*missing kernel table"):
+        Engine(engine_config(tiny_qwen2, attention="half_done"), plugin_manager=manager)
+    run_greedy(Engine(engine_config(tiny_qwen2), plugin_manager=manager), [[1, 2, 3]])
 
 
 @pytest.mark.parametrize("overrides, kind, builtin", [
