@@ -79,6 +79,10 @@ class TritonAttentionBackend(AttentionBackend):
             return ["the triton package is not installed"]
         if spec.device_type != "cuda" and not interpreter_enabled():
             reasons.append(f"needs a CUDA device (or TRITON_INTERPRET=1), got {spec.device_type}")
+        if spec.device_type != "cuda" and spec.dtype == torch.bfloat16:
+            # triton 3.6's interpreter returns garbage from tl.dot on bfloat16 inputs.
+            reasons.append("bfloat16 needs a CUDA device: Triton's CPU interpreter "
+                           "computes bfloat16 dot products wrongly")
         if spec.head_size > MAX_HEAD_SIZE:
             reasons.append(f"head size {spec.head_size} is above {MAX_HEAD_SIZE}")
         if spec.num_heads % spec.num_kv_heads:
