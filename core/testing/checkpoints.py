@@ -66,24 +66,14 @@ def build_tokenizer(vocab_size: int):
 def make_tiny_qwen2(path: str | Path, spec: TinyQwen2Spec | None = None,
                     num_shards: int = 1) -> Path:
     """Write config.json, tokenizer files and safetensors weights to ``path``."""
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2Config
 
     spec = spec or TinyQwen2Spec()
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(spec.vocab_size)
     fields = {k: v for k, v in asdict(spec).items() if k != "seed" and v is not None}
     config = Qwen2Config(**fields, rms_norm_eps=1e-6, eos_token_id=tokenizer.eos_token_id,
                          bos_token_id=tokenizer.eos_token_id, architectures=["Qwen2ForCausalLM"])
-    torch.manual_seed(spec.seed)
-    model = Qwen2ForCausalLM(config).float()
-    _spread_logits(model, spec.seed)
-    shard_size = None if num_shards == 1 else _shard_size(model, num_shards)
-    save_kwargs = {"max_shard_size": shard_size} if shard_size else {}
-    model.save_pretrained(path, **save_kwargs)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_random_checkpoint(path, config, tokenizer, spec.seed, num_shards)
 
 
 # A Qwen1.5-MoE-shaped toy: 8 experts, top 2, a shared expert, one dense layer of three.
@@ -97,20 +87,36 @@ TINY_QWEN2_MOE_CONFIG = dict(
 
 def make_tiny_qwen2_moe(path: str | Path, seed: int = 0, **config_overrides) -> Path:
     """A tiny random Qwen2-MoE checkpoint (per-expert tensors, as HF saves them)."""
-    import torch
-    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+    from transformers import Qwen2MoeConfig
 
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     settings = dict(TINY_QWEN2_MOE_CONFIG, **config_overrides)
     tokenizer = build_tokenizer(settings["vocab_size"])
     config = Qwen2MoeConfig(**settings, rms_norm_eps=1e-6, eos_token_id=tokenizer.eos_token_id,
                             bos_token_id=tokenizer.eos_token_id,
                             architectures=["Qwen2MoeForCausalLM"])
+    return save_random_checkpoint(path, config, tokenizer, seed)
+
+
+def save_random_checkpoint(path: str | Path, config, tokenizer=None, seed: int = 0,
+                           num_shards: int = 1) -> Path:
+    """Write any transformers causal-LM config's randomly initialised model (float32,
+    safetensors, with spread-out logits) and a tokenizer to ``path``.
+
+    Args:
+        config: a ``PretrainedConfig`` whose ``model_type`` transformers knows.
+        tokenizer: saved alongside; default: :func:`build_tokenizer` for the config's vocabulary.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = tokenizer or build_tokenizer(config.vocab_size)
     torch.manual_seed(seed)
-    model = Qwen2MoeForCausalLM(config).float()
+    model = AutoModelForCausalLM.from_config(config).float()
     _spread_logits(model, seed)
-    model.save_pretrained(path)
+    shard_size = None if num_shards == 1 else _shard_size(model, num_shards)
+    model.save_pretrained(path, **({"max_shard_size": shard_size} if shard_size else {}))
     tokenizer.save_pretrained(path)
     return path
 

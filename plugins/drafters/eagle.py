@@ -26,8 +26,25 @@ KVLOOM_PLUGIN_API = ">=1.0,<2"  # the kvloom plugin API versions this module sup
 
 @hookimpl
 def register_drafters(register):
-    register("eagle", make_eagle)
-    register("eagle3", make_eagle3)
+    register("eagle", make_eagle, tiny_speculative_config=tiny_draft_settings(version=1))
+    register("eagle3", make_eagle3, tiny_speculative_config=tiny_draft_settings(version=3))
+
+
+def tiny_draft_settings(version: int):
+    """For the conformance suite: ``speculative:`` settings with a tiny random EAGLE
+    draft checkpoint for its tiny target."""
+    def settings(target_dir, work_dir) -> dict:
+        import json
+
+        from kvloom.testing.checkpoints import TinyEagleSpec, make_eagle_checkpoint
+
+        # Tiny targets are too shallow for EAGLE-3's default aux layers (2, L/2, L-3).
+        num_layers = json.loads((target_dir / "config.json").read_text())["num_hidden_layers"]
+        aux = (0, num_layers // 2, num_layers - 1) if version == 3 else None
+        spec = TinyEagleSpec(version=version, aux_layer_ids=aux)
+        draft = make_eagle_checkpoint(work_dir / f"eagle{version}", target_dir, spec)
+        return {"model": str(draft)}
+    return settings
 
 
 def make_eagle(speculative_config: Any, context: DrafterContext) -> "EagleDrafter":
