@@ -112,13 +112,25 @@ def save_random_checkpoint(path: str | Path, config, tokenizer=None, seed: int =
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = tokenizer or build_tokenizer(config.vocab_size)
+    architectures = list(config.architectures or [])  # save_pretrained overwrites them
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).float()
     _spread_logits(model, seed)
     shard_size = None if num_shards == 1 else _shard_size(model, num_shards)
     model.save_pretrained(path, **({"max_shard_size": shard_size} if shard_size else {}))
     tokenizer.save_pretrained(path)
+    if architectures:
+        _set_architectures(path, architectures)
     return path
+
+
+def _set_architectures(path: Path, architectures: list[str]) -> None:
+    import json
+
+    config_file = path / "config.json"
+    saved = json.loads(config_file.read_text())
+    saved["architectures"] = list(architectures)
+    config_file.write_text(json.dumps(saved, indent=2))
 
 
 def _spread_logits(model, seed: int) -> None:
