@@ -40,5 +40,15 @@ def hook_names():
 
 @pytest.mark.parametrize("hook", hook_names())
 def test_every_hook_has_a_plugin_guide_section(hook):
+    """docs/plugins.md: a section per hook with its signature, when it is called, its
+    parameters and a runnable example (run by test_doc_example_runs)."""
     guide = (ROOT / "docs" / "plugins.md").read_text()
-    assert f"## {hook}\n" in guide, f"docs/plugins.md has no section for {hook}"
+    heading = f"### {hook}\n"
+    assert heading in guide, f"docs/plugins.md has no section for {hook}"
+    section = guide.split(heading, 1)[1].split("\n### ", 1)[0].split("\n## ", 1)[0]
+    assert f"**Signature:** `{hook}(" in section, f"{hook}: no signature"
+    for label in ("**When it is called:**", "**Parameters:**"):
+        assert label in section, f"{hook}: no {label}"
+    examples = CODE_BLOCK.findall(section)
+    assert examples and not all(e.startswith("# not run in CI") for e in examples), (
+        f"{hook}: no runnable example")
