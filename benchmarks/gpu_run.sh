@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One GPU session: install, GPU tests, kernel benchmark, latency, throughput (with HF).
+# One GPU session: install, GPU tests, kernel benchmark, latency, throughput (with HF);
+# STEPS=conformance runs the plugin conformance suite on the GPU.
 # Usage on the device machine (carry .whl):  bash benchmarks/gpu_run.sh [MODEL ...]
 # The structured step needs a tokenizer directory (carry .bench-tokenizer: SmolLM2's
 # tokenizer.json + tokenizer_config.json).
@@ -24,6 +25,10 @@ step() {  # name, timeout seconds, command...
 
 STEPS=${STEPS:-tests,kernels,latency,throughput}
 MODELS=${*:-qwen2-0.5b}
+if [[ $STEPS == *conformance* ]]; then  # the plugin conformance suite on the GPU, example included
+    python3 -m pip install -q --no-deps --no-build-isolation -e examples/kvloom-plugin-example >/dev/null
+    step conformance 500 python3 -m pytest -q -p no:cacheprovider --pyargs kvloom.testing --kvloom-device cuda -rs
+fi
 [[ $STEPS == *tests* ]] && step gpu_tests 300 python3 -m pytest -q -m gpu -p no:cacheprovider ${GPU_TESTS:-tests}
 [[ $STEPS == *kernels* ]] && step kernels 240 python3 benchmarks/attention_kernels.py --json "$OUT/kernels.json"
 [[ $STEPS == *moe* ]] && step moe_layer 300 python3 benchmarks/moe_layer.py ${MOE_ARGS:-} --json "$OUT/moe_layer.json"

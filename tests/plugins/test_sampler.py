@@ -14,7 +14,7 @@ import torch
 from scipy import stats
 
 from kvloom import LLM, SamplingParams
-from kvloom.interfaces.sampler import SamplingMetadata
+from kvloom.testing.sampling import make_metadata
 from kvloom.plugins.samplers.default import (
     DefaultSampler,
     apply_min_p,
@@ -34,44 +34,6 @@ VOCAB = len(BASE_PROBS)
 
 
 # ----------------------------------------------------------------- helpers
-def make_metadata(num_rows: int, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
-                  presence_penalty=0.0, frequency_penalty=0.0, repetition_penalty=1.0,
-                  prompt_token_ids=None, output_token_ids=None, banned_token_ids=None,
-                  generators=None, max_num_logprobs=None) -> SamplingMetadata:
-    """SamplingMetadata the way ModelRunner builds it; scalars apply to every row."""
-
-    def column(value, dtype):
-        values = list(value) if isinstance(value, (list, tuple)) else [value] * num_rows
-        assert len(values) == num_rows
-        return torch.tensor(values, dtype=dtype)
-
-    def per_row(value):
-        return [list(v) for v in value] if value is not None else [[] for _ in range(num_rows)]
-
-    temperature = column(temperature, torch.float32)
-    presence = column(presence_penalty, torch.float32)
-    frequency = column(frequency_penalty, torch.float32)
-    repetition = column(repetition_penalty, torch.float32)
-    return SamplingMetadata(
-        temperature=temperature,
-        top_k=column(top_k, torch.int64),
-        top_p=column(top_p, torch.float32),
-        min_p=column(min_p, torch.float32),
-        presence_penalty=presence,
-        frequency_penalty=frequency,
-        repetition_penalty=repetition,
-        prompt_token_ids=per_row(prompt_token_ids),
-        output_token_ids=per_row(output_token_ids),
-        banned_token_ids=per_row(banned_token_ids),
-        generators=dict(generators or {}),
-        max_num_logprobs=max_num_logprobs,
-        all_greedy=bool((temperature == 0).all()),
-        all_random=bool((temperature != 0).all()),
-        no_penalties=bool((presence == 0).all() and (frequency == 0).all()
-                          and (repetition == 1).all()),
-    )
-
-
 def softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - x.max())
     return e / e.sum()
