@@ -10,7 +10,8 @@ listed under the ``kvloom`` entry-point group of its distribution::
 Register hooks receive a ``register(name, factory, **metadata)`` callback owned
 by the core. ``factory`` is called lazily when the component is selected, so
 heavy imports (triton, xgrammar, ...) belong inside it, never at module level.
-A name registered twice fails with both plugins named.
+A name that two plugins register is used by neither; selecting it fails
+naming both, and every other component keeps working.
 
 Hook specs only ever grow by new keyword arguments (pluggy lets an
 implementation accept a subset of them); a breaking change bumps

@@ -173,8 +173,8 @@ def check_api_compatible(plugin: Any, name: str) -> str | None:
 def _entry_points_by_name() -> dict[str, list[EntryPoint]]:
     """Installed ``kvloom`` entry points by name; more than one per name is a clash.
 
-    The same distribution can be visible twice (an editable install plus a build
-    directory on sys.path): entry points with the same module count once.
+    Two declarations of one name for the same module (a package installed twice under
+    different distribution names, say) load the same code, so they count once.
     """
     by_name: dict[str, list[EntryPoint]] = {}
     for entry_point in entry_points(group=ENTRY_POINT_GROUP):

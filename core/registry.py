@@ -45,7 +45,7 @@ class RegisteredComponent:
 
 
 @dataclass(slots=True)
-class RegistrationError:
+class RegistrationFailure:
     """A name two plugins registered, or a register hook that raised."""
 
     kind: str
@@ -61,7 +61,7 @@ class Registry:
         self.kind = kind
         self.label = PLUGIN_KINDS[kind][1]
         self.components: dict[str, RegisteredComponent] = {}
-        self.errors: list[RegistrationError] = []
+        self.errors: list[RegistrationFailure] = []
         # Plugins that failed to load: an unknown name may be theirs, so say so.
         self.load_failures: list[str] = []
 
@@ -77,11 +77,11 @@ class Registry:
             self.components[component.name] = component
             return
         plugins = sorted([existing.plugin_name, component.plugin_name])
-        self.errors.append(RegistrationError(self.kind, plugins,
+        self.errors.append(RegistrationFailure(self.kind, plugins,
                                              self._conflict_message(component.name, plugins),
                                              component.name))
 
-    def _conflict(self, name: str) -> RegistrationError | None:
+    def _conflict(self, name: str) -> RegistrationFailure | None:
         return next((error for error in self.errors if error.name == name), None)
 
     def conflict_message(self, name: str) -> str | None:
@@ -90,27 +90,32 @@ class Registry:
         return conflict.message if conflict else None
 
     def _conflict_message(self, name: str, plugin_names: list[str]) -> str:
+        if len(set(plugin_names)) == 1:
+            return (f"{self.label} {name!r} is registered twice by plugin "
+                    f"{plugin_names[0]!r}; it is not used")
         plugins = " and ".join(f"plugin {plugin!r}" for plugin in plugin_names)
-        return (f"{self.label} {name!r} is registered twice: by {plugins}; neither is used. "
-                "Uninstall one, or leave one out of the plugin allow-list "
+        return (f"{self.label} {name!r} is registered by {plugins}; none of them is used. "
+                "Uninstall all but one, or leave the others out of the plugin allow-list "
                 "(`plugins:` in the config, or $KVLOOM_PLUGINS)")
 
     def names(self) -> list[str]:
         return sorted(self.components)
 
     def get(self, name: str) -> RegisteredComponent:
-        try:
+        if name in self.components:
             return self.components[name]
-        except KeyError:
-            pass
         conflict = self.conflict_message(name)
         if conflict is not None:
             raise PluginSelectionError(conflict)
         known = ", ".join(self.names()) or "none"
+        raise PluginSelectionError(f"no {self.label} named {name!r}; registered: {known}"
+                                   + "".join(f"; {problem}" for problem in self.problems()))
+
+    def problems(self) -> list[str]:
+        """Why a component may be missing: plugins whose register hook raised, or that
+        failed to load (they may have meant to register it)."""
         failures = [error.message for error in self.errors if error.name is None]
-        failures = "".join(f"; {failure}" for failure in failures + self.load_failures)
-        raise PluginSelectionError(
-            f"no {self.label} named {name!r}; registered: {known}{failures}") from None
+        return list(dict.fromkeys(failures + self.load_failures))
 
     def create(self, name: str, *args: Any, **kwargs: Any) -> Any:
         """Instantiate the named component (this is where heavy imports happen)."""
@@ -123,11 +128,11 @@ class Registries:
     def __init__(self, manager: KvloomPluginManager) -> None:
         self.manager = manager
         self.by_kind = {kind: Registry(kind) for kind in PLUGIN_KINDS}
+        load_failures = [f"plugin {info.name!r} ({info.distribution or 'unknown distribution'})"
+                         f" failed to load: {info.error}" for info in manager.load_errors]
         for kind, (hook_name, _) in PLUGIN_KINDS.items():
             self._collect(kind, hook_name)
-            self.by_kind[kind].load_failures = [
-                f"plugin {info.name!r} ({info.distribution or 'unknown distribution'}) "
-                f"failed to load: {info.error}" for info in manager.load_errors]
+            self.by_kind[kind].load_failures = load_failures
         for error in self.errors:
             logger.error("kvloom plugin %s: %s", self._describe(error.plugin_names), error.message)
 
@@ -135,7 +140,7 @@ class Registries:
         return self.by_kind[kind]
 
     @property
-    def errors(self) -> list[RegistrationError]:
+    def errors(self) -> list[RegistrationFailure]:
         """Every conflict and failed register hook, of every kind."""
         return [error for registry in self.by_kind.values() for error in registry.errors]
 
@@ -154,7 +159,7 @@ class Registries:
             try:
                 impl.function(**{arg: register for arg in impl.argnames if arg == "register"})
             except Exception as exc:
-                registry.errors.append(RegistrationError(
+                registry.errors.append(RegistrationFailure(
                     kind, [impl.plugin_name],
                     f"plugin {impl.plugin_name!r} failed in {hook_name}: "
                     f"{type(exc).__name__}: {' '.join(str(exc).split())}"))

@@ -191,7 +191,8 @@ def _build_model(config: EngineConfig, registries: Registries, platform: Platfor
             raise PluginSelectionError(conflicts[0])
         raise PluginSelectionError(
             f"no model architecture registered for {architectures or 'this config'}; "
-            f"registered: {', '.join(models.names()) or 'none'}")
+            f"registered: {', '.join(models.names()) or 'none'}"
+            + "".join(f"; {problem}" for problem in models.problems()))
     # The model reports its attention shape only once built, so build a probe
     # spec from the config to choose the backend first.
     probe = AttentionSpec(hf_config.num_attention_heads,

@@ -23,18 +23,21 @@ def plugin_rows(manager) -> list[tuple[str, ...]]:
             plugin = registries[kind].components[name].plugin_name
             rows.append((kind, name, plugin, *_origin(manager, plugin), "ok"))
     for info in manager.load_errors:
-        rows.append(("?", "-", info.name, *_origin(manager, info.name), f"ERROR: {info.error}"))
+        rows.append(("?", "-", info.name, *_origin_of(info), f"ERROR: {info.error}"))
     for error in registries.errors:
-        rows.append((error.kind, error.name or "-", ",".join(error.plugin_names),
-                     *_origin(manager, error.plugin_names[-1]), f"ERROR: {error.message}"))
+        for plugin in error.plugin_names:
+            rows.append((error.kind, error.name or "-", plugin, *_origin(manager, plugin),
+                         f"ERROR: {error.message}"))
     return rows
 
 
 def _origin(manager, plugin: str) -> tuple[str, str, str, str]:
     """(module, distribution, version, api) of a plugin, "-" where unknown."""
     info = manager.plugin_infos.get(plugin)
-    if info is None:
-        return ("?", "-", "-", "-")
+    return _origin_of(info) if info is not None else ("?", "-", "-", "-")
+
+
+def _origin_of(info) -> tuple[str, str, str, str]:
     return (info.module, info.distribution or "-", info.version or "-", info.api or "-")
 
 

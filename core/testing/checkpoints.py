@@ -111,7 +111,8 @@ def save_random_checkpoint(path: str | Path, config, tokenizer=None, seed: int =
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tokenizer = tokenizer or build_tokenizer(config.vocab_size)
+    if tokenizer is None:
+        tokenizer = build_tokenizer(config.vocab_size)
     architectures = list(config.architectures or [])  # save_pretrained overwrites them
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).float()

@@ -15,6 +15,7 @@ collects none of them: the plugins are discovered on first use.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,6 +30,7 @@ COMPONENT_ARGUMENTS = {
     "structured_output_component": "structured_output",
 }
 PLUGIN_ARGUMENT = "plugin_info"  # one selected plugin's PluginInfo
+SUITE_DIR = Path(__file__).resolve().parent
 _TARGETS = pytest.StashKey["ConformanceTargets"]()
 
 
@@ -41,8 +43,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     choices=sorted(set(COMPONENT_ARGUMENTS.values())),
                     help="check only components of this kind; repeatable; default: all")
     group.addoption("--kvloom-device", default="auto", metavar="DEVICE",
-                    help="torch device for attention, sampler and model checks: "
-                         "auto (cuda when available, else cpu), cpu, cuda, ...")
+                    help="torch device for the attention and sampler checks: auto (cuda "
+                         "when available, else cpu), cpu, cuda, ...; models and drafters "
+                         "run on the engine's own platform choice")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "kvloom_no_components: a conformance check with "
+                                       "nothing to check (deselected)")
 
 
 @dataclass
@@ -86,16 +94,33 @@ def _discover(config: pytest.Config) -> ConformanceTargets:
                               requested or sorted(manager.plugin_infos), kinds)
 
 
+def _in_suite(module) -> bool:
+    """Only the suite's own tests: other projects' fixtures may share these names.
+
+    Judged by file location: pytest may import the suite's modules under another
+    name (``core.testing.test_samplers`` from a source checkout)."""
+    path = getattr(module, "__file__", None)
+    return path is not None and Path(path).resolve().parent == SUITE_DIR
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if not _in_suite(metafunc.module):
+        return
     for argument, kind in COMPONENT_ARGUMENTS.items():
         if argument in metafunc.fixturenames:
             components = conformance_targets(metafunc.config).components(kind)
-            metafunc.parametrize(argument, components,
-                                 ids=[f"{c.plugin_name}:{c.name}" for c in components])
+            _parametrize(metafunc, argument, components,
+                         [f"{c.plugin_name}:{c.name}" for c in components])
     if PLUGIN_ARGUMENT in metafunc.fixturenames:
         targets = conformance_targets(metafunc.config)
         infos = [targets.manager.plugin_infos[name] for name in targets.plugin_names]
-        metafunc.parametrize(PLUGIN_ARGUMENT, infos, ids=[info.name for info in infos])
+        _parametrize(metafunc, PLUGIN_ARGUMENT, infos, [info.name for info in infos])
+
+
+def _parametrize(metafunc: pytest.Metafunc, argument: str, values: list, ids: list[str]):
+    if not values:  # one placeholder, deselected below (pytest would report a skip)
+        values, ids = [pytest.param(None, marks=pytest.mark.kvloom_no_components)], ["none"]
+    metafunc.parametrize(argument, values, ids=ids)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -108,10 +133,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def _has_no_components(item: pytest.Item) -> bool:
-    marker = item.get_closest_marker("skip")
-    reason = marker.kwargs.get("reason", "") if marker else ""
-    return reason.startswith("got empty parameter set") and any(
-        argument in reason for argument in [*COMPONENT_ARGUMENTS, PLUGIN_ARGUMENT])
+    return (_in_suite(getattr(item, "module", None))
+            and item.get_closest_marker("kvloom_no_components") is not None)
 
 
 @pytest.fixture(scope="session")

@@ -24,6 +24,9 @@ CASES = {
     "json_object": (True, '{"a": [1, "x"]}', None),
     "grammar": ('root ::= "a" ("b" | "c")*', "abcb", "root ::= "),
 }
+# kind -> outputs that are valid so far but not complete: EOS must be refused there
+INCOMPLETE = {"choice": ["", "ma"], "regex": ["", "12", "123-"], "json": ["{", '{"n": 4'],
+              "json_object": ["", '{"a": [1'], "grammar": [""]}
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +112,17 @@ def test_accept_bitmask_rollback_terminate(backend, tokenizer, kind):
 
 
 @pytest.mark.parametrize("kind", list(CASES))
+def test_eos_is_refused_before_the_output_is_complete(backend, tokenizer, kind):
+    spec, _, _ = CASES[kind]
+    masks, eos = Masks(len(tokenizer) + NUM_PADDING_IDS), tokenizer.eos_token_id
+    for prefix in INCOMPLETE[kind]:
+        grammar = compile_or_skip(backend, kind, spec)
+        assert grammar.accept_tokens(tokenizer.encode(prefix, add_special_tokens=False))
+        assert not masks.allowed(grammar)[eos], f"EOS allowed after the incomplete {prefix!r}"
+        assert not grammar.accept_tokens([eos]) and not grammar.is_terminated(), prefix
+
+
+@pytest.mark.parametrize("kind", list(CASES))
 def test_refused_tokens_leave_the_state_unchanged(backend, tokenizer, kind):
     spec, text, _ = CASES[kind]
     grammar = compile_or_skip(backend, kind, spec)
@@ -116,7 +130,9 @@ def test_refused_tokens_leave_the_state_unchanged(backend, tokenizer, kind):
     first, *_ = tokenizer.encode(text, add_special_tokens=False)
     before = masks.allowed(grammar)
     assert grammar.accept_tokens([first])
-    refused = int((~masks.allowed(grammar)).nonzero()[0])  # refused after `first`
+    refused_ids = (~masks.allowed(grammar)).nonzero().flatten()  # refused after `first`
+    assert len(refused_ids), f"the {kind} grammar refuses nothing after {first}"
+    refused = int(refused_ids[0])
     grammar.rollback(1)
     assert not grammar.accept_tokens([first, refused]), "a refused token was accepted"
     assert torch.equal(masks.allowed(grammar), before), (

@@ -11,8 +11,8 @@ import kvloom.plugin_manager as plugin_manager_module
 
 @pytest.fixture
 def fake_entry_points(tmp_path, monkeypatch):
-    """add(name, source, module=None, dist=None): an installed-looking plugin module,
-    listed before the built-ins; ``dist`` names the distribution that declares it."""
+    """add(name, source, module=None): an installed-looking plugin module, listed
+    before the built-ins (no distribution; see ``install_plugin`` for one)."""
     monkeypatch.syspath_prepend(str(tmp_path))
     fakes: list[EntryPoint] = []
     real_entry_points = plugin_manager_module.entry_points

@@ -46,7 +46,7 @@ BROKEN = {
     "duplicate_component_name": (
         [("shiny-dist", "shiny", sampler_source()),
          ("shiny-fork", "shiny_fork", sampler_source())],
-        "sampler 'shiny' is registered twice: by plugin 'shiny' and plugin 'shiny_fork'"),
+        "sampler 'shiny' is registered by plugin 'shiny' and plugin 'shiny_fork'; none of them"),
     "duplicate_plugin_name": (
         [("shiny-dist", "shiny", sampler_source()),
          ("shiny-fork", "shiny", sampler_source())],
@@ -89,7 +89,7 @@ def test_broken_plugin_is_refused_and_the_engine_starts_without_it(
     assert reason in str(excinfo.value)
 
 
-def test_duplicate_plugin_name_names_both_distributions(install_plugin):
+def test_duplicate_plugin_name_names_both_distributions(install_plugin, capsys):
     install_plugin("shiny-dist", "shiny", "kvloom_clash_a", sampler_source())
     install_plugin("shiny-fork", "shiny", "kvloom_clash_b", sampler_source())
     manager = make_plugin_manager()
@@ -98,3 +98,7 @@ def test_duplicate_plugin_name_names_both_distributions(install_plugin):
     for info in errors:
         assert "kvloom_clash_a (shiny-dist) and kvloom_clash_b (shiny-fork)" in info.error
     assert manager.get_plugin("shiny") is None
+    assert cli.main(["plugins"]) == 1
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if "ERROR" in line]
+    origins = {(row[3], row[4]) for row in rows if row[2] == "shiny"}
+    assert origins == {("kvloom_clash_a", "shiny-dist"), ("kvloom_clash_b", "shiny-fork")}

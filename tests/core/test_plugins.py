@@ -274,7 +274,7 @@ def test_duplicate_component_names_are_a_conflict_naming_both_plugins():
     with pytest.raises(PluginSelectionError) as excinfo:
         registries["sampler"].get("twin")
     message = str(excinfo.value)
-    assert "sampler 'twin' is registered twice" in message
+    assert "sampler 'twin' is registered by plugin" in message
     assert "'first_plugin'" in message and "'second_plugin'" in message
 
 

@@ -35,8 +35,8 @@ class SeesOneKeyTooFewBackend(TorchReferenceBackend):
 
 
 class SkipsFinalNorm(Qwen2ForCausalLM):
-    """Leaves a checkpoint tensor unconsumed (it loads it, but that is beside the point:
-    a loader that skips a tensor it does not know is what the check is for)."""
+    """Does not report a checkpoint tensor as used, as a model that silently skips a
+    tensor it does not know would."""
 
     def load_weights(self, weights):
         return super().load_weights(weights) - {"model.norm.weight"}
