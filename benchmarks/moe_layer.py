@@ -25,6 +25,7 @@ import torch
 import triton
 
 from kvloom.plugins.models.layers import fused_moe, moe_sort
+from kvloom.testing.cuda_graphs import capture_graph
 from kvloom.plugins.models.layers.moe import Routing, experts_reference, route_top_k
 
 TOKENS = [1, 8, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
@@ -45,19 +46,6 @@ def tile_name(tile) -> str:
 
 def bench_ms(fn, rep: int = 40) -> float:
     return triton.testing.do_bench(fn, warmup=10, rep=rep, return_mode="median")
-
-
-def capture(fn):
-    """(graph, static output) of fn(); warmed up on a side stream first, as capture needs."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph, out
 
 
 def rel_error(out, expected) -> float:
@@ -135,7 +123,7 @@ def sweep(x, gate_up, down, routing, default_ms: float) -> dict:
         if up and dn:
             candidates.append((up[0] + dn[0], up[1], dn[1]))
     _, up_tile, down_tile = min(candidates, key=lambda c: c[0])
-    graph, out = capture(lambda: fused_moe.fused_experts(
+    graph, out = capture_graph(lambda: fused_moe.fused_experts(
         x, gate_up, down, routing.weights, ids, (up_tile, down_tile)))
     graph.replay()
     best_ms = bench_ms(graph.replay)
@@ -158,7 +146,7 @@ def bench_tokens(m: int, gate_up, down, weights32, top_k: int, do_sweep: bool) -
 
     eager_out = fused()
     passed, error = check(eager_out, x, weights32, routing)
-    graph, graph_out = capture(fused)
+    graph, graph_out = capture_graph(fused)
     graph.replay()
     passed = passed and torch.equal(graph_out, eager_out)
     fused_ms, eager_ms = bench_ms(graph.replay), bench_ms(fused)

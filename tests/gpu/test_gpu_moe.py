@@ -7,6 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kvloom.testing.cuda_graphs import capture_graph
+
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -117,14 +119,7 @@ def test_cuda_graph_replays_with_new_inputs(dtype, m):
     def run():
         return fused_experts(static[0], gate_up, down, static[1], static[2])
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        run()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = run()
+    graph, out = capture_graph(run)
     for index in (1, 0, 1):
         for buffer, new in zip(static, batches[index]):
             buffer.copy_(new)
