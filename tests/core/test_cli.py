@@ -101,7 +101,7 @@ def test_flags_override_the_engine_yaml(tiny_qwen2, tmp_path, capsys):
     assert cli.main(["generate", "--model", str(config), "--max-model-len", "2",
                      "The quick brown fox", "--max-tokens", "1"]) == 2
     err = capsys.readouterr().err
-    assert "max_model_len is 2" in err
+    assert "(max_model_len) is 2 tokens" in err
 
 
 def test_bad_flag_value_is_one_line_without_traceback(tiny_qwen2):

@@ -18,7 +18,8 @@ from kvloom.entrypoints.openai.streaming import (EventStreamResponse,
                                                  prefixed, start)
 from kvloom.entrypoints.openai.structured import spec_path
 from kvloom.entrypoints.openai.validation import (check_length, check_model,
-                                                  check_stream_fields, sampling_params)
+                                                  check_stream_fields, request_cache_salt,
+                                                  sampling_params)
 from kvloom.outputs import PositionLogprobs
 
 
@@ -41,14 +42,17 @@ async def serve_chat(state: ServerState, body: p.ChatCompletionRequest,
         elif exc.param == "logprobs":
             exc.param = "top_logprobs"
         raise
+    cache_salt = request_cache_salt(body)
     token_ids = await render_chat(state, body.messages, body.add_generation_prompt)
     if not token_ids:
         raise APIError(400, "messages rendered to an empty prompt", param="messages")
     check_length(state, len(token_ids), params, "messages", max_tokens_param)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
-    first, generator = await start(state, {"prompt_token_ids": token_ids}, params, request_id,
-                                   spec_path(body))
+    prompt = {"prompt_token_ids": token_ids}
+    if cache_salt is not None:
+        prompt["cache_salt"] = cache_salt
+    first, generator = await start(state, prompt, params, request_id, spec_path(body))
     accumulator = Accumulator(params.n)
 
     def logprobs_of(entries: list) -> p.ChatLogprobs | None:

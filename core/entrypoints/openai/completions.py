@@ -19,7 +19,8 @@ from kvloom.entrypoints.openai.streaming import (EventStreamResponse,
                                                  collect_unless_disconnected, events, start)
 from kvloom.entrypoints.openai.structured import spec_path
 from kvloom.entrypoints.openai.validation import (check_length, check_model,
-                                                  check_stream_fields, sampling_params)
+                                                  check_stream_fields, request_cache_salt,
+                                                  sampling_params)
 from kvloom.outputs import PositionLogprobs
 
 
@@ -31,11 +32,14 @@ async def serve_completion(state: ServerState, body: p.CompletionRequest,
         raise APIError(400, "echo with logprobs (prompt logprobs) is not supported yet",
                        param="echo")
     params = sampling_params(body, body.max_tokens, body.logprobs)
+    cache_salt = request_cache_salt(body)
     text, token_ids = await completion_prompt(state, body.prompt)
     check_length(state, len(token_ids), params, "prompt", "max_tokens")
     prompt: dict[str, Any] = {"prompt_token_ids": token_ids}
     if text is not None:
         prompt["prompt"] = text
+    if cache_salt is not None:
+        prompt["cache_salt"] = cache_salt
     request_id = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     echo_text = None

@@ -63,7 +63,9 @@ _SOURCE_LOCATION = re.compile(r"(\[\d{2}:\d{2}:\d{2}\] )?/[^\s:]+:\d+: ")
 
 def _clip(message: str) -> str:
     message = _SOURCE_LOCATION.sub("", " ".join(str(message).split()))
-    return message if len(message) <= MAX_MESSAGE_CHARS else message[:MAX_MESSAGE_CHARS] + "..."
+    message = message if len(message) <= MAX_MESSAGE_CHARS else message[:MAX_MESSAGE_CHARS] + "..."
+    # A lone surrogate from the request would make the JSON response unencodable (a 500).
+    return message.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 # Field names a SamplingParams / input-processor ValueError message may start with.
@@ -71,6 +73,7 @@ _KNOWN_PARAMS = {
     "n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
     "repetition_penalty", "seed", "max_tokens", "min_tokens", "stop", "stop_token_ids",
     "logprobs", "top_logprobs", "prompt", "messages", "prompt_token_ids", "tokens",
+    "cache_salt", "structured_outputs", "response_format",
 }
 
 
@@ -89,8 +92,12 @@ def describe_validation_errors(errors: list[dict[str, Any]]) -> tuple[str, str |
     """A short message and the first bad field from pydantic's error list."""
     parts = []
     param = None
+    # A union field reports every member's failure; ours (value_error) says what is wrong.
+    ours = [error for error in errors if error.get("type") == "value_error"]
+    errors = ours or errors
     for error in errors[:MAX_REPORTED_ERRORS]:
-        loc = [str(part) for part in error.get("loc", ()) if part != "body"]
+        loc = [str(part) for part in error.get("loc", ())
+               if part != "body" and "[" not in str(part)]  # union member tags
         if error.get("type") == "json_invalid":
             return "the request body is not valid JSON", None
         field = ".".join(loc)
@@ -119,6 +126,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
+        if isinstance(exc.__cause__, RecursionError):  # json.loads gave up on the body
+            message = "the request body nests JSON objects or arrays too deeply to parse"
         if exc.status_code == 404 and message == "Not Found":
             message = f"no route {request.method} {request.url.path[:100]}"
         return error_response(exc.status_code, message, headers=getattr(exc, "headers", None))

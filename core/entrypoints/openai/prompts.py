@@ -9,7 +9,8 @@ from typing import Any
 from kvloom.entrypoints.openai import protocol as p
 from kvloom.entrypoints.openai.errors import APIError
 from kvloom.entrypoints.openai.state import ServerState
-from kvloom.entrypoints.openai.validation import check_vocab, require_tokenizer
+from kvloom.entrypoints.openai.validation import (check_prompt_text, check_vocab,
+                                                  require_tokenizer)
 
 logger = logging.getLogger(__name__)
 
@@ -21,7 +22,9 @@ async def completion_prompt(state: ServerState, prompt: Any) -> tuple[str | None
     if isinstance(prompt, str):
         if not prompt:
             raise APIError(400, "prompt must not be empty", param="prompt")
-        token_ids = await asyncio.to_thread(require_tokenizer(state).encode, prompt)
+        tokenizer = require_tokenizer(state)
+        check_prompt_text(state, len(prompt), "prompt")  # before tokenizing megabytes
+        token_ids = await asyncio.to_thread(tokenizer.encode, prompt)
         return prompt, list(token_ids)
     if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
         check_vocab(state, prompt, "prompt")
@@ -34,6 +37,9 @@ async def render_chat(state: ServerState, messages: list[p.ChatMessage],
                       add_generation_prompt: bool) -> list[int]:
     tokenizer = require_tokenizer(state)
     conversation = [{"role": m.role, "content": _message_text(m)} for m in messages]
+    # The rendered prompt holds every message's text: refuse before rendering and
+    # tokenizing what could never fit.
+    check_prompt_text(state, sum(len(m["content"]) for m in conversation), "messages")
 
     def render() -> list[int]:
         token_ids = tokenizer.apply_chat_template(conversation, tokenize=True,

@@ -3,6 +3,10 @@
 Scalars are strict where a silent coercion would hide a client bug (``"max_tokens":
 true`` or ``"n": "2"`` is a 400, not 1 or 2); floats still accept integers. Unknown
 fields are ignored, as OpenAI's own SDK sends fields a server may not know.
+
+Only the request's shape is checked here, and text everywhere (a lone surrogate,
+valid in JSON as ``"\\ud800"``, is a 400 naming the field); value ranges are
+SamplingParams' and the input processor's, shared with the offline API.
 """
 
 from __future__ import annotations
@@ -10,12 +14,26 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, Strict, StringConstraints,
+                      ValidationInfo, model_validator)
+
+from kvloom.sampling_params import check_text
+
+# Identifiers (model, user, role, name) are echoed into logs, templates and errors;
+# none needs more.
+MAX_NAME_CHARS = 1024
+
+
+def _valid_text(value: str, info: ValidationInfo) -> str:
+    return check_text((info.field_name or "text").rstrip("_"), value)  # json_ is "json"
+
 
 Int = Annotated[int, Strict()]
 Float = Annotated[float, Strict()]
 Bool = Annotated[bool, Strict()]
-Str = Annotated[str, Strict()]
+Str = Annotated[str, Strict(), AfterValidator(_valid_text)]
+Name = Annotated[str, Strict(), StringConstraints(max_length=MAX_NAME_CHARS),
+                 AfterValidator(_valid_text)]
 
 
 class OpenAIModel(BaseModel):
@@ -31,7 +49,7 @@ class JsonSchemaFormat(OpenAIModel):
     """OpenAI's ``response_format.json_schema``; ``name`` and ``strict`` change nothing
     (the schema is always enforced)."""
 
-    name: Str | None = None
+    name: Name | None = None
     description: Str | None = None
     # Aliased: a field named "schema" would shadow BaseModel.schema.
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
@@ -74,7 +92,7 @@ class StructuredOutputsRequest(BaseModel):
 class SamplingFields(OpenAIModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
-    model: Str | None = None
+    model: Name | None = None
     max_tokens: Int | None = None
     n: Int = 1
     temperature: Float | None = Field(default=None, le=2.0)  # OpenAI's range
@@ -93,9 +111,11 @@ class SamplingFields(OpenAIModel):
     include_stop_str_in_output: Bool = False
     stream: Bool = False
     stream_options: StreamOptions | None = None
-    user: Str | None = None
+    user: Name | None = None
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsRequest | None = None
+    # vLLM's: isolates this request's prefix-cache blocks (checked by the input processor).
+    cache_salt: Str | None = None
 
 
 # A prompt: text, a list of one text, token ids, or a list of one token-id list.
@@ -115,9 +135,9 @@ class TextContentPart(OpenAIModel):
 
 
 class ChatMessage(OpenAIModel):
-    role: Str
+    role: Name
     content: Str | list[TextContentPart] | None = None
-    name: Str | None = None
+    name: Name | None = None
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -129,14 +149,14 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class TokenizeRequest(OpenAIModel):
-    model: Str | None = None
+    model: Name | None = None
     prompt: Str | None = None
     messages: list[ChatMessage] | None = None
     add_generation_prompt: Bool = True
 
 
 class DetokenizeRequest(OpenAIModel):
-    model: Str | None = None
+    model: Name | None = None
     tokens: list[Int]
 
 

@@ -1,11 +1,14 @@
 """Structured output from a request: OpenAI's ``response_format`` or vLLM's
 ``structured_outputs`` extra-body field, mapped onto StructuredOutputsParams.
 
-The server only checks the request's shape; whether a schema, regex or grammar
-compiles is for the engine's backend to say when the request is admitted.
+The server only checks the request's shape; the spec's limits (size, choices, nesting)
+are StructuredOutputsParams', shared with the offline API, and whether a schema, regex
+or grammar compiles is for the engine's backend to say when the request is admitted.
 """
 
 from __future__ import annotations
+
+import re
 
 from kvloom.entrypoints.openai import protocol as p
 from kvloom.entrypoints.openai.errors import APIError
@@ -40,14 +43,14 @@ def _from_response_format(response_format: p.ResponseFormat | None
     if response_format is None or response_format.type == "text":
         return None
     if response_format.type == "json_object":
-        return StructuredOutputsParams(json_object=True)
+        return _params("response_format", json_object=True)
     if response_format.json_schema is None:
         raise APIError(400, "response_format.json_schema is required when "
                             "response_format.type is 'json_schema'", param="response_format")
     if response_format.json_schema.schema_ is None:
         raise APIError(400, "response_format.json_schema.schema is required: the JSON schema "
                             "the output must follow", param="response_format")
-    return StructuredOutputsParams(json=response_format.json_schema.schema_)
+    return _params("response_format", json=response_format.json_schema.schema_)
 
 
 def _from_structured_outputs(request: p.StructuredOutputsRequest | None
@@ -59,9 +62,21 @@ def _from_structured_outputs(request: p.StructuredOutputsRequest | None
         raise APIError(400, f"structured_outputs must set exactly one of "
                             f"{', '.join(p.STRUCTURED_OUTPUTS_KEYS)} "
                             f"(got {', '.join(chosen) or 'none'})", param="structured_outputs")
-    return StructuredOutputsParams(json=request.json_, regex=request.regex,
-                                   choice=request.choice, grammar=request.grammar,
-                                   json_object=request.json_object)
+    return _params("structured_outputs", json=request.json_, regex=request.regex,
+                   choice=request.choice, grammar=request.grammar,
+                   json_object=request.json_object)
+
+
+def _params(param: str, **spec: object) -> StructuredOutputsParams:
+    """StructuredOutputsParams, its ValueError (a limit) a 400 naming the request field."""
+    try:
+        return StructuredOutputsParams(**spec)
+    except ValueError as exc:
+        message = str(exc)
+        if param == "response_format":  # the message names vLLM's field the spec went to
+            message = re.sub(r"^structured_outputs\.json\b",
+                             "response_format.json_schema.schema", message)
+        raise APIError(400, message, param=param) from None
 
 
 def _chosen_keys(request: p.StructuredOutputsRequest) -> list[str]:

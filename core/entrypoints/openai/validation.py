@@ -1,10 +1,15 @@
 """Request checks that turn bad input into a 400 naming the field before the engine
-sees it, and the mapping of request fields onto SamplingParams."""
+sees it, and the mapping of request fields onto SamplingParams.
+
+The checks themselves live where the offline API runs them too (SamplingParams,
+StructuredOutputsParams, the engine's InputProcessor); this module calls them and
+maps their ValueErrors to 400s, keeping only the HTTP-shaped checks of its own."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from kvloom.engine.input_processor import ContextLengthError, InputProcessor, check_cache_salt
 from kvloom.entrypoints.openai import protocol as p
 from kvloom.entrypoints.openai.errors import APIError, param_of_value_error
 from kvloom.entrypoints.openai.state import ServerState
@@ -27,14 +32,31 @@ def require_tokenizer(state: ServerState) -> Any:
     return state.tokenizer
 
 
+def input_processor(state: ServerState) -> InputProcessor:
+    """The engine's input processor: the checks the offline API runs, shared."""
+    return state.engine.engine.input_processor
+
+
 def check_vocab(state: ServerState, token_ids: list[int], param: str) -> None:
-    vocab_size = state.engine.engine.input_processor.limits.vocab_size
-    if not token_ids:
-        raise APIError(400, f"{param} must not be empty", param=param)
-    for token_id in token_ids:
-        if not 0 <= token_id < vocab_size:
-            raise APIError(400, f"{param} contains {token_id}, outside the vocabulary "
-                                f"[0, {vocab_size})", param=param)
+    try:
+        input_processor(state).check_token_ids(token_ids, name=param)
+    except ValueError as exc:
+        raise APIError(400, str(exc), param=param) from None
+
+
+def check_prompt_text(state: ServerState, num_chars: int, param: str) -> None:
+    """Refuse a prompt text that cannot fit the context before tokenizing it."""
+    try:
+        input_processor(state).check_text_length(num_chars)
+    except ValueError as exc:
+        raise _named_error(exc, {"prompt": param}) from None
+
+
+def request_cache_salt(body: p.SamplingFields) -> str | None:
+    try:
+        return check_cache_salt(body.cache_salt)
+    except ValueError as exc:
+        raise APIError(400, str(exc), param="cache_salt") from None
 
 
 def check_stream_fields(body: p.SamplingFields) -> None:
@@ -68,13 +90,21 @@ def sampling_params(body: p.SamplingFields, max_tokens: int | None,
 
 def check_length(state: ServerState, num_prompt: int, params: SamplingParams,
                  prompt_param: str, max_tokens_param: str) -> None:
-    limit = state.max_model_len
-    if num_prompt >= limit:
-        raise APIError(400, f"this model's maximum context length is {limit} tokens, but the "
-                            f"prompt has {num_prompt} tokens", param=prompt_param,
-                       code="context_length_exceeded")
-    if params.max_tokens is not None and num_prompt + params.max_tokens > limit:
-        raise APIError(400, f"this model's maximum context length is {limit} tokens, but "
-                            f"{num_prompt} prompt tokens + {max_tokens_param} "
-                            f"{params.max_tokens} exceed it", param=max_tokens_param,
-                       code="context_length_exceeded")
+    """The engine's length checks, strict: a max_tokens past the context is a 400
+    (offline it is clamped), named as the request named it."""
+    try:
+        input_processor(state).check_length(num_prompt, params, clamp=False)
+    except ValueError as exc:
+        raise _named_error(exc, {"prompt": prompt_param, "max_tokens": max_tokens_param}) from None
+
+
+def _named_error(exc: ValueError, names: dict[str, str]) -> APIError:
+    """A 400 for a shared check's ValueError, its leading field renamed to the request's
+    name for it (``prompt`` -> ``messages``, ``max_tokens`` -> ``max_completion_tokens``)."""
+    message = str(exc)
+    first, _, rest = message.partition(" ")
+    if first in names:
+        message = f"{names[first]} {rest}"
+    param = names.get(first) or param_of_value_error(message, names["prompt"])
+    code = exc.code if isinstance(exc, ContextLengthError) else None
+    return APIError(400, message, param=param, code=code)
