@@ -54,18 +54,20 @@ class Grammar(ABC):
 class StructuredOutputBackend(ABC):
     """Compiles specs into grammars for one tokenizer.
 
-    The engine calls ``validate`` when a request arrives (on the engine's thread,
-    so it must be cheap) and ``compile`` on a worker thread while other requests
-    keep running; ``compile`` may be called from several threads at once.
+    The engine builds the backend, calls ``validate`` once per request and then
+    ``compile`` once per sample, all on a compile thread while other requests keep
+    running; each may be called from several threads at once. A ValueError from
+    either ends that request with its message (a 400 from the server).
     """
 
     name: str = "unnamed"
 
     def validate(self, spec_kind: str, spec: Any) -> None:
-        """Raise ValueError for a spec that cannot compile, before the request is queued.
+        """Raise ValueError for a spec this backend refuses, before any ``compile``.
 
-        Without it, a bad spec is only found by ``compile`` and the request ends
-        with finish_reason "abort" instead of being refused.
+        Optional: for checks that are cheaper than compiling (the spec kind, keywords
+        the backend would not enforce). A spec that only fails to parse may be left
+        to ``compile``, which runs next on the same thread.
         """
 
     @abstractmethod

@@ -211,13 +211,44 @@ def test_pydantic_style_unions_and_refs_are_fine(backend):
         backend.validate("json", schema)  # would raise ValueError if refused
 
 
-def test_a_spec_that_validates_but_does_not_compile_names_the_failure(backend):
-    schema = {"type": "string", "pattern": "[a-z]{1,600}"}  # passes XGrammar's parser
-    backend.validate("json", schema)
-    with pytest.raises(ValueError, match="invalid json for structured output: XGrammar could "
-                                         "not compile it") as error:
-        backend.compile("json", schema)
-    assert "/" not in str(error.value).split("(")[0]
+# Specs that are wrong in themselves, whatever XGrammar's version can or cannot compile.
+@pytest.mark.parametrize("kind,spec", [
+    ("json", {"type": "no-such-type"}),                 # not a JSON Schema type
+    ("json", {"type": "string", "pattern": "[a-z"}),    # its pattern is no regex
+    ("regex", "[a-z"),                                  # unbalanced bracket
+    ("grammar", 'root ::= "a'),                         # unterminated string literal
+])
+def test_malformed_specs_name_the_kind_without_xgrammars_log_prefix(backend, kind, spec):
+    backend.validate(kind, spec)  # parse errors are compile()'s, which parses once
+    with pytest.raises(ValueError, match=f"^invalid {kind} for structured output: ") as error:
+        backend.compile(kind, spec)
+    reason = str(error.value).split(": ", 1)[1]
+    assert reason and "\n" not in reason
+    assert "/" not in reason and not reason.startswith("["), reason  # no "[hh:mm:ss] x.cc:1: "
+
+
+def test_an_assertion_without_a_message_still_says_what_failed():
+    from kvloom.plugins.structured_output.xgrammar_backend import _invalid
+
+    raised = RuntimeError("[07:44:50] /project/cpp/grammar_compiler.cc:83: Check failed: "
+                          "(error.empty()) is false: \nStack trace:\n  /lib/x.so(+0x1)")
+    assert str(_invalid("json", raised)) == ("invalid json for structured output: XGrammar "
+                                             "could not compile it (Check failed: "
+                                             "(error.empty()) is false)")
+
+
+def test_choices_escape_only_what_xgrammar_treats_as_special(backend, tokenizer, capfd):
+    """re.escape's "\\ " and "\\#" make XGrammar warn on stderr for every occurrence."""
+    import string
+
+    choices = [string.punctuation, "two words # and ~ & more", "a.b", "ab"]
+    for choice in choices:
+        grammar = backend.compile("choice", choices)
+        assert grammar.accept_tokens(tokenizer.encode(choice)), choice
+        assert grammar.terminates_on(tokenizer.eos_token_id), choice
+    wildcard = backend.compile("choice", choices)  # "." must match only itself
+    assert not wildcard.accept_tokens(tokenizer.encode("aXb"))
+    assert "Escape sequence" not in capfd.readouterr().err
 
 
 def test_the_default_terminates_on_agrees_with_xgrammars(backend, tokenizer):
