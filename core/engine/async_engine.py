@@ -8,7 +8,13 @@ are freed.
 
 Admission control counts sequence slots (``n`` per request) before any tokenization:
 past ``max_num_seqs + max_queued_requests`` slots, ``generate`` raises
-:class:`EngineOverloadedError` at once.
+:class:`EngineOverloadedError` at once (a ValueError for a request that could
+never fit, since retrying it would never help).
+
+A request that fails inside the engine gets its error and the others go on; a
+model step that fails fails every request in flight and the engine resets. After
+``MAX_CONSECUTIVE_FAILED_STEPS`` failed steps in a row the fault is taken to be
+lasting: the loop stops, ``is_healthy`` turns False and the server exits.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from kvloom.outputs import CompletionOutput, RequestOutput
 from kvloom.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+MAX_CONSECUTIVE_FAILED_STEPS = 3
 
 
 class EngineOverloadedError(RuntimeError):
@@ -106,11 +114,12 @@ class AsyncEngine:
             self._thread.start()
 
     def shutdown(self, timeout: float = 5.0) -> None:
-        """Stop the loop thread (in-flight requests are aborted)."""
+        """Stop the loop thread (in-flight requests are aborted) and background work."""
         self._stopping = True
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        self.engine.shutdown()
 
     @property
     def is_healthy(self) -> bool:
@@ -165,6 +174,9 @@ class AsyncEngine:
                 raise EngineDeadError("the server is shutting down")
             if request_id in self._streams:
                 raise ValueError(f"request_id {request_id!r} is already in use")
+            if num_slots > self.max_slots:
+                raise ValueError(f"n ({num_slots}) is more than the server can ever hold at "
+                                 f"once ({self.max_slots} sequences)")
             if self._num_slots_in_use + num_slots > self.max_slots:
                 raise EngineOverloadedError(
                     f"the server is at capacity ({self._num_slots_in_use} sequences in "
@@ -187,6 +199,9 @@ class AsyncEngine:
                 if self.engine.has_unfinished_requests():
                     self._deliver(self.engine.step())
                     self._publish_stats()
+                    if self.engine.num_consecutive_failed_steps >= MAX_CONSECUTIVE_FAILED_STEPS:
+                        raise EngineDeadError(f"{MAX_CONSECUTIVE_FAILED_STEPS} model steps "
+                                              "failed in a row")
                 else:
                     if drained:  # aborts freed blocks with no step after them
                         self._publish_stats()
@@ -295,4 +310,6 @@ def _as_token_prompt(processed) -> dict[str, Any]:
     prompt: dict[str, Any] = {"prompt_token_ids": processed.token_ids}
     if processed.text is not None:
         prompt["prompt"] = processed.text
+    if processed.cache_salt is not None:
+        prompt["cache_salt"] = processed.cache_salt
     return prompt

@@ -9,6 +9,7 @@ from typing import Any
 from kvloom.config import EngineConfig, load_engine_config
 from kvloom.engine.builder import EngineComponents, build_engine
 from kvloom.engine.engine_core import EngineCore
+from kvloom.engine.failures import EngineStepError, RequestFailedError
 from kvloom.engine.input_processor import InputLimits, InputProcessor, PromptType
 from kvloom.engine.output_processor import OutputProcessor
 from kvloom.engine.stats import EngineStats
@@ -53,10 +54,13 @@ class Engine:
                                               components.eos_token_ids)
         self.output_processor = OutputProcessor(components.tokenizer)
         self.grammar_compiler = components.grammar_compiler
-        # Requests that failed after add_request accepted them (a grammar that did not
-        # compile), by request id; they finish with "abort" and the server pops the
-        # reason to answer 400 instead.
-        self.request_errors: dict[str, ValueError] = {}
+        # Requests that failed after add_request accepted them, by request id: a
+        # grammar that did not compile (a ValueError; they finish with "abort" and the
+        # server answers 400), or a RequestFailedError (finish_reason "error").
+        self.request_errors: dict[str, Exception] = {}
+        # Model steps that failed since the last one that worked; a fault that
+        # persists (a broken device) makes this grow and the server exit.
+        self.num_consecutive_failed_steps = 0
 
     @classmethod
     def from_config(cls, source: str | os.PathLike | dict[str, Any] | EngineConfig,
@@ -107,13 +111,46 @@ class Engine:
                 raise ValueError(f"request_id {request_id!r} is already in use{detail}")
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduling step; returns outputs of requests that advanced."""
-        core_outputs = self._admit_compiled() + self.core.step()
-        outputs, stopped = self.output_processor.process(core_outputs)
-        if stopped:
-            self.core.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
+        """Run one scheduling step; returns outputs of requests that advanced.
+
+        A request that fails on its own (sampling, grammar, detokenizing) ends
+        with finish_reason "error" and the others go on; if the model step
+        itself raises, every request in flight ends that way and the engine is
+        reset to serve new ones. ``pop_request_error`` says why.
+        """
+        try:
+            core_outputs = self._admit_compiled() + self.core.step()
+        except Exception as error:
+            return self._fail_every_request(error)
+        self.num_consecutive_failed_steps = 0
+        outputs = self._process(core_outputs, RequestFailedError)
         self._notify_step()
         return outputs
+
+    def _process(self, core_outputs: list[EngineCoreOutput],
+                 error_type: type[RequestFailedError]) -> list[RequestOutput]:
+        processed = self.output_processor.process(core_outputs)
+        if processed.stopped:
+            self.core.finish_requests(processed.stopped, RequestStatus.FINISHED_STOPPED)
+        for failure in processed.failed:
+            self.core.finish_requests(failure.sequence_ids, RequestStatus.FINISHED_ERROR)
+            self.request_errors[failure.request_id] = error_type(failure.message)
+        return processed.outputs
+
+    def _fail_every_request(self, error: Exception) -> list[RequestOutput]:
+        """The model step raised: end every request with an error, free every block,
+        forget the prefix cache (the step may have left blocks half-written)."""
+        logger.error("the model step failed; failing every request in flight", exc_info=error)
+        self.num_consecutive_failed_steps += 1
+        message = f"the model step failed ({type(error).__name__})"
+        request_ids = self.output_processor.request_ids()
+        for request_id in request_ids:
+            self.grammar_compiler.cancel(request_id)
+        self.core.reset()
+        failed = [EngineCoreOutput(sequence_id, [], None, finish_reason="error", error=message)
+                  for request_id in request_ids
+                  for sequence_id in self.output_processor.sequence_ids(request_id)]
+        return self._process(failed, EngineStepError)
 
     def _admit_compiled(self) -> list[EngineCoreOutput]:
         """Move requests whose grammars are ready into the scheduler.
@@ -130,8 +167,10 @@ class Engine:
         return [EngineCoreOutput(request.request_id, [], None, finish_reason="abort")
                 for request in compiled.failed]
 
-    def pop_request_error(self, request_id: str) -> ValueError | None:
-        """Why a request accepted by add_request ended with "abort" on its own, if it did."""
+    def pop_request_error(self, request_id: str) -> Exception | None:
+        """Why a request accepted by add_request ended on its own, if it did: a
+        ValueError (finish_reason "abort": its grammar did not compile) or a
+        RequestFailedError (finish_reason "error")."""
         return self.request_errors.pop(request_id, None)
 
     def abort_request(self, request_id: str | list[str]) -> None:
@@ -146,6 +185,10 @@ class Engine:
 
     def has_unfinished_requests(self) -> bool:
         return self.core.has_unfinished_requests() or self.grammar_compiler.num_pending > 0
+
+    def shutdown(self) -> None:
+        """Stop background work (grammar compilations) so the process can exit."""
+        self.grammar_compiler.shutdown()
 
     def get_stats(self) -> EngineStats:
         scheduler = self.core.scheduler

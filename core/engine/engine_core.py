@@ -18,12 +18,16 @@ tokens are recorded, the drafter proposes the next step's drafts.
 
 from __future__ import annotations
 
+import logging
+
 from kvloom.scheduler.output import EngineCoreOutput, SchedulerOutput
 from kvloom.scheduler.request import Request, RequestStatus
 from kvloom.scheduler.scheduler import Scheduler
 from kvloom.worker.model_runner import ModelRunner
 from kvloom.worker.runner_output import PendingRunnerOutput
 from kvloom.worker.spec_decode import DraftCandidate
+
+logger = logging.getLogger(__name__)
 
 
 class EngineCore:
@@ -34,6 +38,7 @@ class EngineCore:
         self.async_scheduling = async_scheduling
         self.last_num_scheduled_tokens = 0
         self.in_flight: tuple[SchedulerOutput, PendingRunnerOutput] | None = None
+        self.num_failed_proposals = 0
 
     def add_requests(self, requests: list[Request]) -> None:
         for request in requests:
@@ -65,6 +70,16 @@ class EngineCore:
             outputs += self._complete_in_flight()
         return outputs
 
+    def reset(self) -> None:
+        """After a failed step: end every request (freeing its blocks), drop the step
+        in flight and forget the prefix cache, whose blocks that step may have
+        left half-written."""
+        self.in_flight = None
+        scheduler = self.scheduler
+        scheduler.finish_requests(scheduler.unfinished_request_ids(), RequestStatus.FINISHED_ERROR)
+        scheduler.kv_cache_manager.reset_prefix_cache()
+        self.runner.reset()
+
     def has_unfinished_requests(self) -> bool:
         # A step still in flight for requests that were all aborted carries
         # nothing anyone waits for; the next step() completes it.
@@ -82,9 +97,18 @@ class EngineCore:
 
     def _propose_drafts(self, scheduler_output: SchedulerOutput) -> None:
         candidates = self.scheduler.draft_candidates(scheduler_output)
-        drafts = self.runner.propose_drafts([
-            DraftCandidate(request.request_id, request.all_token_ids, limit)
-            for request, limit in candidates])
+        try:
+            drafts = self.runner.propose_drafts([
+                DraftCandidate(request.request_id, request.all_token_ids, limit)
+                for request, limit in candidates])
+        except Exception as error:
+            # Drafts are only guesses: without them every request still gets its
+            # tokens (one a step), exactly as the target model picks them.
+            self.num_failed_proposals += 1
+            logger.error("the drafter raised (%d times so far); this step has no drafts",
+                         self.num_failed_proposals,
+                         exc_info=error if self.num_failed_proposals == 1 else None)
+            return
         for (request, _), request_drafts in zip(candidates, drafts):
             self.scheduler.set_drafts(request, request_drafts)
 

@@ -9,6 +9,7 @@ from typing import Any, Sequence
 
 from kvloom.config import EngineConfig
 from kvloom.engine.engine import Engine
+from kvloom.engine.failures import EngineStepError, RequestFailedError
 from kvloom.engine.input_processor import PromptType
 from kvloom.outputs import RequestOutput
 from kvloom.plugin_manager import KvloomPluginManager
@@ -109,10 +110,14 @@ class LLM:
             self.engine.abort_request(request_ids)  # leave nothing half-queued
             raise
         outputs = self._run_to_completion(request_ids, use_tqdm)
-        for request_id in request_ids:
-            error = self.engine.pop_request_error(request_id)
-            if error is not None:
-                logger.warning("request %s ended with finish_reason 'abort': %s", request_id, error)
+        errors = {request_id: error for request_id in request_ids
+                  if (error := self.engine.pop_request_error(request_id)) is not None}
+        step_error = next((e for e in errors.values() if isinstance(e, EngineStepError)), None)
+        if step_error is not None:  # the engine reset itself; these outputs are cut short
+            raise step_error
+        for request_id, error in errors.items():
+            reason = "error" if isinstance(error, RequestFailedError) else "abort"
+            logger.warning("request %s ended with finish_reason %r: %s", request_id, reason, error)
         return outputs
 
     def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],

@@ -1,7 +1,13 @@
-"""From per-step token ids to RequestOutputs: text, stop strings, logprobs, n > 1."""
+"""From per-step token ids to RequestOutputs: text, stop strings, logprobs, n > 1.
+
+A request whose detokenizing or stop-string search raises, or that the core
+reports as failed, ends with finish_reason "error" (all its samples); the
+others in the step are processed as usual.
+"""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -9,6 +15,8 @@ from kvloom.engine.detokenizer import IncrementalDetokenizer
 from kvloom.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 from kvloom.sampling_params import RequestOutputKind, SamplingParams
 from kvloom.scheduler.output import EngineCoreOutput, SampleLogprobs
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
@@ -48,6 +56,22 @@ class RequestState:
         return self.num_unfinished == 0
 
 
+@dataclass(slots=True)
+class RequestFailure:
+    """A request that failed in this step; its sequences must leave the core."""
+
+    request_id: str
+    message: str
+    sequence_ids: list[str]
+
+
+@dataclass(slots=True)
+class ProcessedOutputs:
+    outputs: list[RequestOutput]  # to hand to the user
+    stopped: list[str]            # sequence ids a stop string ended
+    failed: list[RequestFailure]
+
+
 class OutputProcessor:
     """Tracks live requests' text and turns core outputs into RequestOutputs."""
 
@@ -73,6 +97,9 @@ class OutputProcessor:
         self.states[request_id] = RequestState(request_id, prompt, prompt_token_ids, params,
                                                sequences)
 
+    def request_ids(self) -> list[str]:
+        return list(self.states)
+
     def sequence_ids(self, request_id: str) -> list[str]:
         state = self.states.get(request_id)
         return list(state.sequences) if state else []
@@ -88,32 +115,68 @@ class OutputProcessor:
     def has_sequence(self, sequence_id: str) -> bool:
         return sequence_id in self.sequence_to_request
 
-    def process(self, core_outputs: list[EngineCoreOutput]) -> tuple[list[RequestOutput], list[str]]:
-        """Returns the outputs to hand to the user and the sequence ids stopped by a stop string."""
+    def process(self, core_outputs: list[EngineCoreOutput]) -> ProcessedOutputs:
+        """The outputs to hand to the user, the sequences stopped by a stop string,
+        and the requests that failed."""
         touched: dict[str, RequestState] = {}
         stopped: list[str] = []
+        failed: dict[str, RequestFailure] = {}
         for core_output in core_outputs:
             request_id = self.sequence_to_request.get(core_output.request_id)
-            if request_id is None:
+            if request_id is None or request_id in failed:
                 continue
             state = self.states[request_id]
-            state.num_cached_tokens = core_output.num_cached_tokens
-            sequence = state.sequences[core_output.request_id]
-            was_running = sequence.finish_reason is None
-            if self._update_sequence(sequence, core_output):
-                stopped.append(core_output.request_id)
-            if was_running and sequence.finish_reason is not None:
-                state.num_unfinished -= 1
             touched[request_id] = state
-
-        outputs = []
+            error = core_output.error
+            if error is None:
+                try:
+                    if self._apply(state, core_output):
+                        stopped.append(core_output.request_id)
+                except Exception as exc:
+                    logger.error("detokenizing request %s raised; failing it", request_id,
+                                 exc_info=exc)
+                    error = f"detokenizing failed ({type(exc).__name__})"
+            if error is not None:
+                failed[request_id] = self._fail(state, error)
+        outputs = [output for state in touched.values()
+                   if (output := self._output_of(state, failed)) is not None]
         for request_id, state in touched.items():
-            output = self._make_output(state)
-            if output is not None:
-                outputs.append(output)
             if state.finished():
                 self.abort_request(request_id)
-        return outputs, stopped
+        return ProcessedOutputs(outputs, stopped, list(failed.values()))
+
+    def _apply(self, state: RequestState, core_output: EngineCoreOutput) -> bool:
+        """Apply one sequence's step; True when a stop string ended it."""
+        state.num_cached_tokens = core_output.num_cached_tokens
+        sequence = state.sequences[core_output.request_id]
+        was_running = sequence.finish_reason is None
+        stopped = self._update_sequence(sequence, core_output)
+        if was_running and sequence.finish_reason is not None:
+            state.num_unfinished -= 1
+        return stopped
+
+    @staticmethod
+    def _fail(state: RequestState, message: str) -> RequestFailure:
+        for sequence in state.sequences.values():
+            if sequence.finish_reason is None:
+                sequence.finish_reason = "error"
+        state.num_unfinished = 0
+        return RequestFailure(state.request_id, message, list(state.sequences))
+
+    def _output_of(self, state: RequestState,
+                   failed: dict[str, RequestFailure]) -> RequestOutput | None:
+        try:
+            return self._make_output(state)
+        except Exception as exc:
+            logger.error("building the output of request %s raised; failing it",
+                         state.request_id, exc_info=exc)
+            failed.setdefault(state.request_id,
+                              self._fail(state, f"building its output failed "
+                                                f"({type(exc).__name__})"))
+            completions = [CompletionOutput(seq.index, "", [], None, None, finish_reason="error")
+                           for seq in state.sequences.values()]
+            return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids,
+                                 completions, True, state.num_cached_tokens)
 
     def _update_sequence(self, sequence: SequenceState, core_output: EngineCoreOutput) -> bool:
         """Apply one step; True when a stop string ended the sequence here."""

@@ -137,6 +137,11 @@ class KVCacheManager:
                 self.pool.uncache_block(block)
         self.pool.release(blocks[::-1])
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (after a failed step, whose blocks may hold
+        KV that was never written). Blocks still in use keep their contents."""
+        self.pool.forget_all_hashes()
+
     def _cache_full_blocks(self, request: Request, blocks: list[KVBlock],
                            num_total_tokens: int) -> None:
         if not self.enable_prefix_caching:

@@ -80,6 +80,7 @@ class EngineCoreOutput:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
+    error: str | None = None  # why the request failed (finish_reason "error")
 
     @property
     def finished(self) -> bool:

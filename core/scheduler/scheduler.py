@@ -10,6 +10,7 @@ its blocks are freed and it later recomputes its prompt and output so far.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from kvloom.kv_cache.kv_cache_manager import KVCacheManager, PrefixHit
@@ -19,6 +20,8 @@ from kvloom.scheduler.request import Request, RequestStatus
 from kvloom.scheduler.spec_decode import SpecDecodeStats, max_num_drafts
 from kvloom.scheduler.waiting_queue import make_waiting_queue
 from kvloom.worker.runner_output import ModelRunnerOutput
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -71,6 +74,9 @@ class Scheduler:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.running) or len(self.waiting) > 0
+
+    def unfinished_request_ids(self) -> list[str]:
+        return list(self.requests)
 
     def needs_every_token_on_host(self) -> bool:
         """True if a running request's sampling depends on its latest tokens on the host
@@ -233,7 +239,12 @@ class Scheduler:
     # ------------------------------------------------------------------ update
     def update_from_output(self, scheduler_output: SchedulerOutput,
                            runner_output: ModelRunnerOutput) -> list[EngineCoreOutput]:
-        """Record what a step sampled (its tokens were counted as computed when scheduled)."""
+        """Record what a step sampled (its tokens were counted as computed when scheduled).
+
+        A request the runner reports in ``errors``, or whose update raises (a
+        grammar plugin deciding whether it terminates), fails on its own with
+        finish_reason "error"; the others go on.
+        """
         outputs = []
         finished_any = False
         for row, request_id in enumerate(runner_output.request_ids):
@@ -242,29 +253,53 @@ class Scheduler:
                 continue
             if request is not scheduler_output.request_objects.get(request_id, request):
                 continue  # the id was reused after the step was launched
-            token_ids = runner_output.sampled_token_ids[row]
-            request.num_output_placeholders -= 1
-            if request.num_drafts_in_flight:
-                self._take_back_rejected_drafts(request, len(token_ids) - 1)
-            status, token_ids = self._append_until_stop(request, token_ids)
-            logprobs = runner_output.logprobs[row]
-            if status is not None:
-                if request.status != RequestStatus.RUNNING:  # preempted while in flight
-                    self.waiting.remove(request)
-                request.status = status
-                finished_any = True
-                self._free(request)
-            outputs.append(EngineCoreOutput(
-                request_id=request_id,
-                new_token_ids=token_ids,
-                new_logprobs=logprobs[:len(token_ids)] if logprobs is not None else None,
-                finish_reason=request.status.finish_reason,
-                stop_reason=request.stop_reason,
-                num_cached_tokens=max(request.num_cached_tokens, 0),
-            ))
+            error = runner_output.errors.get(request_id)
+            try:
+                output = None if error else self._update_request(request, runner_output, row)
+            except Exception as exc:
+                logger.error("updating request %s raised; failing it", request_id, exc_info=exc)
+                error = f"checking the stop conditions failed ({type(exc).__name__})"
+            if error:
+                output = self._fail(request, error)
+            finished_any |= request.is_finished()
+            outputs.append(output)
         if finished_any:
             self.running = [r for r in self.running if not r.is_finished()]
         return outputs
+
+    def _update_request(self, request: Request, runner_output: ModelRunnerOutput,
+                        row: int) -> EngineCoreOutput:
+        token_ids = runner_output.sampled_token_ids[row]
+        request.num_output_placeholders -= 1
+        if request.num_drafts_in_flight:
+            self._take_back_rejected_drafts(request, len(token_ids) - 1)
+        status, token_ids = self._append_until_stop(request, token_ids)
+        logprobs = runner_output.logprobs[row]
+        if status is not None:
+            self._finish(request, status)
+        return EngineCoreOutput(
+            request_id=request.request_id,
+            new_token_ids=token_ids,
+            new_logprobs=logprobs[:len(token_ids)] if logprobs is not None else None,
+            finish_reason=request.status.finish_reason,
+            stop_reason=request.stop_reason,
+            num_cached_tokens=max(request.num_cached_tokens, 0),
+        )
+
+    def _fail(self, request: Request, error: str) -> EngineCoreOutput:
+        if request.is_finished():  # its update raised after finishing it
+            request.status = RequestStatus.FINISHED_ERROR
+        else:
+            self._finish(request, RequestStatus.FINISHED_ERROR)
+        return EngineCoreOutput(request.request_id, [], None, finish_reason="error", error=error,
+                                num_cached_tokens=max(request.num_cached_tokens, 0))
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        """End a request while a step's output is applied (it may be running or waiting)."""
+        if request.status != RequestStatus.RUNNING:  # preempted while in flight
+            self.waiting.remove(request)
+        request.status = status
+        self._free(request)
 
     def _take_back_rejected_drafts(self, request: Request, num_accepted: int) -> None:
         """The KV of rejected drafts is invalid: those positions get recomputed."""

@@ -52,10 +52,25 @@ class TrackedGrammar:
 
 @dataclass(slots=True)
 class MaskFill:
-    """Bitmasks being filled for one step; ``done`` yields the masked rows."""
+    """Bitmasks being filled for one step; ``done`` yields its FilledRows."""
 
     bitmask: torch.Tensor
     done: Future
+
+
+@dataclass(slots=True)
+class FilledRows:
+    """Which logits rows got a mask (bitmask row i masks logits row ``rows[i]``), and
+    the grammars that raised, by their index in the step's list of grammars."""
+
+    rows: list[int]
+    failed: dict[int, str]
+
+
+def describe_failure(what: str, error: BaseException) -> str:
+    """A short, client-safe account of a failure: the stage and the exception type
+    (its text may hold paths or input; it goes to the log instead)."""
+    return f"{what} failed ({type(error).__name__})"
 
 
 class GrammarMasks:
@@ -64,6 +79,9 @@ class GrammarMasks:
 
     Two host buffers alternate, so filling step N+1's masks never overwrites a
     buffer whose copy to the device may still be pending.
+
+    A grammar that raises fails only its own request: its row is left unmasked
+    and reported in ``FilledRows.failed``; the other rows are masked as usual.
     """
 
     def __init__(self, max_num_rows: int, device: torch.device,
@@ -93,11 +111,15 @@ class GrammarMasks:
                                                          drafts, bitmask))
         return MaskFill(bitmask, self._filler.submit(self._fill, grammars, bitmask))
 
-    def apply(self, logits: torch.Tensor, fill: MaskFill) -> torch.Tensor:
-        """Wait for ``fill``, then mask ``logits`` on the device, in place; returns it."""
-        rows = fill.done.result()
+    def apply(self, logits: torch.Tensor, fill: MaskFill) -> tuple[torch.Tensor, dict[int, str]]:
+        """Wait for ``fill``, then mask ``logits`` on the device, in place.
+
+        Returns the logits and the grammars that failed (index -> what failed).
+        """
+        filled: FilledRows = fill.done.result()
+        rows = filled.rows
         if not rows:
-            return logits
+            return logits, filled.failed
         vocab_size = logits.shape[1]
         # Unpacked a byte at a time (little-endian: byte b of word w holds tokens
         # 32w + 8b .. 32w + 8b + 7), so the widest temporary is one byte per token.
@@ -105,34 +127,58 @@ class GrammarMasks:
         allowed = ((packed.unsqueeze(-1) >> self.shifts) & 1).bool().flatten(1)[:, :vocab_size]
         index = torch.tensor(rows, dtype=torch.int64).to(self.device, non_blocking=True)
         logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
-        return logits
+        return logits, filled.failed
 
-    def _fill(self, grammars: list[TrackedGrammar | None], bitmask: torch.Tensor) -> list[int]:
-        for tracked in grammars:
-            if tracked is not None:
+    def _fill(self, grammars: list[TrackedGrammar | None], bitmask: torch.Tensor) -> FilledRows:
+        failed: dict[int, str] = {}
+        live = []
+        for row, tracked in enumerate(grammars):
+            if tracked is None:
+                continue
+            try:
                 tracked.catch_up()
-        # A grammar that has terminated belongs to a request that finished while
-        # this step was in flight: its token is discarded, so it needs no mask.
-        rows = [row for row, tracked in enumerate(grammars)
-                if tracked is not None and not tracked.grammar.is_terminated()]
-        if rows:
-            self.fill_bitmasks([grammars[row].grammar for row in rows], bitmask,
-                               list(range(len(rows))))
-        return rows
+                # A grammar that has terminated belongs to a request that finished while
+                # this step was in flight: its token is discarded, so it needs no mask.
+                if not tracked.grammar.is_terminated():
+                    live.append(row)
+            except Exception as error:
+                failed[row] = _logged_failure("advancing the grammar", error)
+        try:
+            self.fill_bitmasks([grammars[row].grammar for row in live], bitmask,
+                               list(range(len(live))))
+        except Exception:  # find the grammar that raised: fill each on its own
+            live = self._fill_each(grammars, live, bitmask, failed)
+        return FilledRows(live, failed)
+
+    @staticmethod
+    def _fill_each(grammars: list[TrackedGrammar | None], rows: list[int],
+                   bitmask: torch.Tensor, failed: dict[int, str]) -> list[int]:
+        filled = []
+        for row in rows:
+            try:
+                grammars[row].grammar.fill_bitmask(bitmask, len(filled))
+                filled.append(row)
+            except Exception as error:
+                failed[row] = _logged_failure("filling the grammar mask", error)
+        return filled
 
     def _fill_along_drafts(self, grammars: list[TrackedGrammar | None],
-                           drafts: list[list[int]], bitmask: torch.Tensor) -> list[int]:
+                           drafts: list[list[int]], bitmask: torch.Tensor) -> FilledRows:
         rows: list[int] = []
+        failed: dict[int, str] = {}
         position = 0
-        for tracked, row_drafts in zip(grammars, drafts):
+        for index, (tracked, row_drafts) in enumerate(zip(grammars, drafts)):
             if tracked is not None:
-                tracked.catch_up()
-                if not tracked.grammar.is_terminated():
-                    num_filled = fill_along_drafts(tracked.grammar, row_drafts, bitmask,
-                                                   len(rows))
-                    rows.extend(range(position, position + num_filled))
+                try:
+                    tracked.catch_up()
+                    if not tracked.grammar.is_terminated():
+                        num_filled = fill_along_drafts(tracked.grammar, row_drafts, bitmask,
+                                                       len(rows))
+                        rows.extend(range(position, position + num_filled))
+                except Exception as error:
+                    failed[index] = _logged_failure("filling the grammar mask", error)
             position += len(row_drafts) + 1
-        return rows
+        return FilledRows(rows, failed)
 
     def _host_buffer(self, vocab_size: int) -> torch.Tensor:
         num_words = (vocab_size + 31) // 32
@@ -143,6 +189,11 @@ class GrammarMasks:
         buffer = self.host_buffers[self.next_buffer]
         self.next_buffer ^= 1
         return buffer
+
+
+def _logged_failure(what: str, error: Exception) -> str:
+    logger.error("%s raised; failing its request", what, exc_info=error)
+    return describe_failure(what, error)
 
 
 def fill_along_drafts(grammar: Grammar, drafts: list[int], bitmask: torch.Tensor,

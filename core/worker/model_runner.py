@@ -14,8 +14,9 @@ from kvloom.scheduler.output import ScheduledRequest, SchedulerOutput
 from kvloom.worker.cuda_graphs import CudaGraphDecoder
 from kvloom.worker.grammar_mask import FillBitmasks, GrammarMasks, MaskFill, fill_one_by_one
 from kvloom.worker.input_batch import InputBuffers, ModelInputs
+from kvloom.worker.row_isolation import logits_spans, sample_row_by_row
 from kvloom.worker.runner_output import ModelRunnerOutput, PendingRunnerOutput
-from kvloom.worker.sampling import SampledTokenStore, SamplingState
+from kvloom.worker.sampling import SampledTokenStore, SamplingState, to_runner_output
 from kvloom.worker.spec_decode import DraftCandidate, SpeculativeDecoder
 
 logger = logging.getLogger(__name__)
@@ -91,12 +92,46 @@ class ModelRunner:
     @torch.inference_mode()
     def _sample(self, rows: list[ScheduledRequest], logits: torch.Tensor,
                 mask_fill: MaskFill | None = None) -> PendingRunnerOutput:
+        errors: dict[str, str] = {}
         if mask_fill is not None:
-            logits = self.grammar_masks.apply(logits, mask_fill)
+            logits, failed = self.grammar_masks.apply(logits, mask_fill)
+            errors = {rows[index].request_id: message for index, message in failed.items()}
+        try:
+            pending = self._sample_batch(rows, logits)
+        except Exception:
+            logger.warning("sampling a batch of %d requests raised; sampling them one by one "
+                           "to fail only those that raise", len(rows))
+            pending = PendingRunnerOutput.ready(self._sample_each(rows, logits))
+        return pending.with_errors(errors)
+
+    def _sample_batch(self, rows: list[ScheduledRequest],
+                      logits: torch.Tensor) -> PendingRunnerOutput:
         if self.speculative is not None:
             return self.speculative.verify(rows, logits)
         output = self.sampler.sample(logits, self.sampling_state.metadata_for(rows))
         return self.sampled_tokens.record(rows, output)
+
+    def _sample_each(self, rows: list[ScheduledRequest], logits: torch.Tensor) -> ModelRunnerOutput:
+        spans = logits_spans(rows, with_drafts=self.speculative is not None)
+        merged = sample_row_by_row(rows, logits, spans, self._sample_one)
+        # The next step's placeholders (async scheduling) and the drafter read this step.
+        self.sampled_tokens.remember(rows, [tokens[-1] for tokens in merged.sampled_token_ids])
+        if self.speculative is not None:
+            self.speculative.remember_output(merged)
+        return merged
+
+    def _sample_one(self, row: ScheduledRequest, logits: torch.Tensor) -> ModelRunnerOutput:
+        if self.speculative is not None:  # synchronous: nothing else waits on its buffers
+            return self.speculative.verify([row], logits).result()
+        output = self.sampler.sample(logits, self.sampling_state.metadata_for([row]))
+        return to_runner_output([row], output, output.sampled_token_ids.tolist())
+
+    def reset(self) -> None:
+        """Forget every request's state, after a failed step ended them all."""
+        self.sampling_state.request_to_generator.clear()
+        self.sampled_tokens.remember([], [])
+        if self.speculative is not None:
+            self.speculative.last_step = None
 
     @torch.inference_mode()
     def propose_drafts(self, candidates: list[DraftCandidate]) -> list[list[int]]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 import functools
 from typing import Any, Callable
 
@@ -14,12 +14,14 @@ class ModelRunnerOutput:
     """Sampled tokens for the requests that sampled this step, in schedule order.
 
     Each row has one token, or with speculative decoding the accepted drafts
-    followed by one token of the target's own.
+    followed by one token of the target's own. A request in ``errors`` failed
+    in this step (its sampling or grammar raised): its row's tokens mean nothing.
     """
 
     request_ids: list[str]
     sampled_token_ids: list[list[int]]
     logprobs: list[list[SampleLogprobs] | None]
+    errors: dict[str, str] = field(default_factory=dict)  # request id -> what failed
 
 
 class PendingRunnerOutput:
@@ -52,16 +54,33 @@ class PendingRunnerOutput:
             self.start_masks()
             sample, self._deferred_sample = self._deferred_sample, None
             try:
-                self._wait = sample(self._mask_fill)._wait
+                self._wait = sample(self._mask_fill).result
             except BaseException as error:  # result() must raise it too, not a TypeError
                 self._wait = functools.partial(_raise, error)
                 raise
 
     @classmethod
     def empty(cls) -> "PendingRunnerOutput":
+        return cls.ready(ModelRunnerOutput([], [], []))
+
+    @classmethod
+    def ready(cls, output: ModelRunnerOutput) -> "PendingRunnerOutput":
+        """A step whose output is already on the host."""
         pending = cls()
-        pending._result = ModelRunnerOutput([], [], [])
+        pending._result = output
         return pending
+
+    def with_errors(self, errors: dict[str, str]) -> "PendingRunnerOutput":
+        """This step, with ``errors`` (request id -> what failed) added to its output."""
+        if not errors:
+            return self
+
+        def wait() -> ModelRunnerOutput:
+            output = self.result()
+            output.errors.update(errors)
+            return output
+
+        return PendingRunnerOutput(wait)
 
     def result(self) -> ModelRunnerOutput:
         """Block until the step's tokens are on the host (once)."""

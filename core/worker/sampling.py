@@ -95,6 +95,11 @@ class SampledTokenStore:
 
         return PendingRunnerOutput(wait)
 
+    def remember(self, rows: list[ScheduledRequest], token_ids: list[int]) -> None:
+        """Record tokens sampled on the host (a batch sampled row by row)."""
+        self.last_sampled = torch.tensor(token_ids, dtype=torch.int64).to(self.device)
+        self.last_row_of = {row.request_id: index for index, row in enumerate(rows)}
+
     def fill_placeholders(self, input_ids: torch.Tensor, token_indices, request_ids: list[str]) -> None:
         """Write the last step's sampled tokens into this step's input ids, on the device."""
         try:

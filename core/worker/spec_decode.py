@@ -148,6 +148,11 @@ class SpeculativeDecoder:
 
         return PendingRunnerOutput(wait)
 
+    def remember_output(self, output: ModelRunnerOutput) -> None:
+        """The step's output, when it was put together outside ``verify``."""
+        if self.last_step is not None:
+            self.last_step.output = output
+
     def _host_buffer(self, name: str, size: int) -> torch.Tensor:
         # One step's result is read before the next step is verified (no async
         # scheduling here), so a single buffer per name suffices.

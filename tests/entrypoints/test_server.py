@@ -312,11 +312,11 @@ def test_64_concurrent_streams_with_disconnects_free_everything(live_server, htt
 
 def test_overload_is_503_with_retry_after(live_server, http):
     engine = live_server.async_engine
-    saved, engine.max_slots = engine.max_slots, 0  # every sequence slot taken
+    saved, engine._num_slots_in_use = engine._num_slots_in_use, engine.max_slots  # all taken
     try:
         response = http.post("/v1/completions", json={"prompt": PROMPT})
     finally:
-        engine.max_slots = saved
+        engine._num_slots_in_use = saved
     error = assert_error(response, 503)
     assert response.headers["retry-after"] == "1" and error["type"] == "overloaded"
     assert http.get("/health").status_code == 200  # a full queue is not a dead server
