@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 PLUGIN_ALLOWLIST_ENV = "KVLOOM_PLUGINS"
+API_KEY_ENV = "KVLOOM_API_KEY"
 
 
 class Section(BaseModel):
@@ -207,6 +208,12 @@ def plugin_allowlist_from_env() -> list[str] | None:
     if raw is None or not raw.strip():
         return None
     return [name.strip() for name in raw.split(",") if name.strip()]
+
+
+def api_key_from_env() -> str | None:
+    """The server's API key from ``$KVLOOM_API_KEY`` (so it stays off the command line,
+    where ``ps`` shows it), or None when unset or blank."""
+    return os.environ.get(API_KEY_ENV, "").strip() or None
 
 
 def load_engine_config(source: str | os.PathLike | dict[str, Any] | EngineConfig) -> EngineConfig:

@@ -4,7 +4,8 @@
 field) before it reaches the engine, streamed over SSE or collected, and aborted
 in the engine when its client goes away.
 
-The pieces live beside this module: ``guard`` (API key, body cap), ``validation``
+The pieces live beside this module: ``guard`` (the HTTP edge: API key, header and
+body limits, early disconnects), ``draining`` (SIGTERM, engine death), ``validation``
 and ``prompts`` (request checks, token ids), ``streaming`` and ``accumulator``
 (engine outputs to SSE or one response), ``completions`` and ``chat`` (the two
 inference routes).
@@ -24,7 +25,8 @@ from kvloom.entrypoints.openai import protocol as p
 from kvloom.entrypoints.openai.chat import serve_chat
 from kvloom.entrypoints.openai.completions import serve_completion
 from kvloom.entrypoints.openai.errors import APIError, error_response, install_error_handlers
-from kvloom.entrypoints.openai.guard import DEFAULT_MAX_BODY_BYTES, GuardMiddleware
+from kvloom.entrypoints.openai.guard import (DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY_BYTES,
+                                             DEFAULT_MAX_HEADER_COUNT, GuardMiddleware)
 from kvloom.entrypoints.openai.metrics import ServerMetrics
 from kvloom.entrypoints.openai.prompts import render_chat
 from kvloom.entrypoints.openai.state import ServerState
@@ -35,10 +37,15 @@ __all__ = ["DEFAULT_MAX_BODY_BYTES", "GuardMiddleware", "ServerState", "build_ap
 
 logger = logging.getLogger(__name__)
 
+ENGINE_WATCH_INTERVAL = 0.25  # seconds between checks that the engine loop is alive
+
 
 def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | None = None,
-              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, warm_up: bool = True) -> FastAPI:
-    """The FastAPI app; its lifespan starts the engine loop (the caller shuts it down)."""
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, warm_up: bool = True,
+              max_header_count: int = DEFAULT_MAX_HEADER_COUNT,
+              body_timeout: float = DEFAULT_BODY_TIMEOUT) -> FastAPI:
+    """The FastAPI app; its lifespan starts the engine loop (the caller shuts it down)
+    and watches it: once it dies, ``ServerState.on_engine_dead`` is called."""
     metrics = ServerMetrics(served_model_name)
     async_engine.observer = metrics
     metrics.on_step(async_engine.latest_stats)
@@ -50,13 +57,18 @@ def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | 
         if warm_up:
             await _warm_up(async_engine)
         state.ready = async_engine.is_healthy
-        yield
-        state.ready = False
+        watcher = asyncio.ensure_future(_watch_engine(state))
+        try:
+            yield
+        finally:
+            watcher.cancel()
+            state.ready = False
 
     app = FastAPI(title="kvloom OpenAI-compatible server", lifespan=lifespan)
     app.state.kvloom = state
     install_error_handlers(app)
-    app.add_middleware(GuardMiddleware, api_key=api_key, max_body_bytes=max_body_bytes)
+    app.add_middleware(GuardMiddleware, api_key=api_key, max_body_bytes=max_body_bytes,
+                       max_header_count=max_header_count, body_timeout=body_timeout)
     _add_routes(app, state)
     return app
 
@@ -68,6 +80,18 @@ async def _warm_up(engine: AsyncEngine) -> None:
             pass
     except Exception:  # readiness stays false; /health says why
         logger.exception("warm-up request failed")
+
+
+async def _watch_engine(state: ServerState) -> None:
+    """A dead engine loop never comes back: rather than answer 503 forever, tell the
+    server to exit (in-flight requests have had their errors from AsyncEngine)."""
+    while state.engine.is_healthy:
+        await asyncio.sleep(ENGINE_WATCH_INTERVAL)
+    if state.on_engine_dead is None:
+        logger.error("the engine loop has stopped; every request will get 503")
+        return
+    logger.error("the engine loop has stopped; shutting the server down")
+    state.on_engine_dead()
 
 
 def _add_routes(app: FastAPI, state: ServerState) -> None:
