@@ -24,7 +24,8 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(model_path, api_key=None, max_body_bytes=64 * 1024, **engine_kwargs):
+def start_server(model_path, api_key=None, max_body_bytes=64 * 1024, plugin_manager=None,
+                 **engine_kwargs):
     import uvicorn
 
     from kvloom.engine.async_engine import AsyncEngine
@@ -33,7 +34,7 @@ def start_server(model_path, api_key=None, max_body_bytes=64 * 1024, **engine_kw
     from kvloom.entrypoints.openai.server import build_app
 
     config = engine_config_from_kwargs(str(model_path), dtype="float32", **engine_kwargs)
-    async_engine = AsyncEngine(Engine(config), max_queued_requests=256)
+    async_engine = AsyncEngine(Engine(config, plugin_manager), max_queued_requests=256)
     app = build_app(async_engine, MODEL_NAME, api_key=api_key, max_body_bytes=max_body_bytes)
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -55,11 +56,13 @@ def stop_server(server, thread, async_engine) -> None:
 
 @pytest.fixture(scope="module")
 def server_factory():
-    """start(model_path, api_key=None, **engine_kwargs) -> LiveServer, stopped at teardown."""
+    """start(model_path, api_key=None, plugin_manager=None, **engine_kwargs) -> LiveServer,
+    stopped at teardown."""
     started = []
 
-    def start(model_path, api_key=None, **engine_kwargs) -> LiveServer:
-        live, server, thread = start_server(model_path, api_key=api_key, **engine_kwargs)
+    def start(model_path, api_key=None, plugin_manager=None, **engine_kwargs) -> LiveServer:
+        live, server, thread = start_server(model_path, api_key=api_key,
+                                            plugin_manager=plugin_manager, **engine_kwargs)
         started.append((server, thread, live.async_engine))
         return live
 

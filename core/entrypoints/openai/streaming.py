@@ -14,6 +14,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from kvloom.engine.async_engine import EngineDeadError, EngineOverloadedError
+from kvloom.engine.failures import RequestFailedError
 from kvloom.entrypoints.openai import protocol as p
 from kvloom.entrypoints.openai.accumulator import Accumulator
 from kvloom.entrypoints.openai.errors import APIError, error_body, param_of_value_error
@@ -24,15 +25,21 @@ from kvloom.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 
+class StreamCut(RuntimeError):
+    """The drain timeout ended a request that was still running."""
+
+
 async def start(state: ServerState, prompt: dict, params: SamplingParams, request_id: str,
                 spec_path: str | None = None
                 ) -> tuple[RequestOutput, AsyncIterator[RequestOutput]]:
     """Submit and wait for the first output, so input errors still become 4xx.
 
     ``spec_path`` names the request field holding a structured-output spec, so the
-    engine refusing the spec (checked at admission) becomes a 400 naming it.
+    engine refusing the spec (checked at admission) becomes a 400 naming it. A client
+    that leaves meanwhile is handled by GuardMiddleware, which cancels the request.
     """
-    generator = state.engine.generate(prompt, params, request_id)
+    generator = _cut_at_drain_timeout(state, request_id,
+                                      state.engine.generate(prompt, params, request_id))
     try:
         first = await generator.__anext__()
     except StopAsyncIteration:
@@ -42,9 +49,32 @@ async def start(state: ServerState, prompt: dict, params: SamplingParams, reques
     except EngineOverloadedError as exc:
         raise APIError(503, str(exc), err_type="overloaded",
                        headers={"Retry-After": str(max(1, round(exc.retry_after)))}) from None
-    except EngineDeadError as exc:
+    except (EngineDeadError, StreamCut) as exc:
         raise APIError(503, str(exc)) from None
+    except RequestFailedError as exc:  # its message names the stage, nothing internal
+        raise APIError(500, str(exc)) from None
     return first, generator
+
+
+async def _cut_at_drain_timeout(state: ServerState, request_id: str,
+                                generator: AsyncIterator[RequestOutput]
+                                ) -> AsyncIterator[RequestOutput]:
+    """``generator``'s outputs, until ServerState.cut_streams aborts the request: that
+    abort becomes StreamCut (an error for the client, never finish_reason "abort")."""
+    state.live_request_ids.add(request_id)
+    try:
+        async for output in generator:
+            if state.streams_cut and _aborted(output):
+                raise StreamCut("the server is shutting down; the request was cut "
+                                "at the drain timeout")
+            yield output
+    finally:
+        state.live_request_ids.discard(request_id)
+        await generator.aclose()
+
+
+def _aborted(output: RequestOutput) -> bool:
+    return output.finished and all(c.finish_reason == "abort" for c in output.outputs)
 
 
 def _admission_error(message: str, spec_path: str | None) -> APIError:
@@ -58,8 +88,10 @@ def _admission_error(message: str, spec_path: str | None) -> APIError:
 def _stream_error(exc: BaseException) -> dict:
     if isinstance(exc, ValueError):
         return error_body(400, str(exc), param_of_value_error(str(exc)))
-    if isinstance(exc, (EngineDeadError, EngineOverloadedError)):
+    if isinstance(exc, (EngineDeadError, EngineOverloadedError, StreamCut)):
         return error_body(503, str(exc))
+    if isinstance(exc, RequestFailedError):
+        return error_body(500, str(exc))
     logger.exception("stream failed", exc_info=exc)
     return error_body(500, "internal server error")
 
@@ -72,8 +104,10 @@ async def _collect(first: RequestOutput, generator: AsyncIterator[RequestOutput]
             accumulator.add(output)
     except ValueError as exc:
         raise APIError(400, str(exc), param=param_of_value_error(str(exc))) from None
-    except (EngineDeadError, EngineOverloadedError) as exc:
+    except (EngineDeadError, EngineOverloadedError, StreamCut) as exc:
         raise APIError(503, str(exc)) from None
+    except RequestFailedError as exc:
+        raise APIError(500, str(exc)) from None
     finally:
         await generator.aclose()
 
