@@ -166,6 +166,9 @@ class SamplingParams:
         self._check_probabilities()
         self._check_penalties()
         self._check_stops()
+        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
+            if not isinstance(getattr(self, name), bool):  # "false" would be truthy
+                raise ValueError(f"{name} must be a boolean, got {getattr(self, name)!r}")
         if self.top_k == -1:
             self.top_k = 0
         if self.structured_outputs is not None and not isinstance(

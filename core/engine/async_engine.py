@@ -257,7 +257,7 @@ class AsyncEngine:
             if stream is None:
                 continue
             error = self.engine.pop_request_error(output.request_id)
-            if error is not None:  # nothing was streamed yet: the caller sees a ValueError
+            if error is not None:  # a ValueError (nothing streamed yet) or a RequestFailedError
                 self._send(output.request_id, error)
                 self._close(output.request_id)
                 continue

@@ -9,7 +9,7 @@ from typing import Any
 from kvloom.config import EngineConfig, load_engine_config
 from kvloom.engine.builder import EngineComponents, build_engine
 from kvloom.engine.engine_core import EngineCore
-from kvloom.engine.failures import EngineStepError, RequestFailedError
+from kvloom.failures import EngineStepError, RequestFailedError, describe_failure
 from kvloom.engine.input_processor import InputLimits, InputProcessor, PromptType
 from kvloom.engine.output_processor import OutputProcessor
 from kvloom.engine.stats import EngineStats
@@ -122,7 +122,8 @@ class Engine:
             core_outputs = self._admit_compiled() + self.core.step()
         except Exception as error:
             return self._fail_every_request(error)
-        self.num_consecutive_failed_steps = 0
+        if self.core.last_num_scheduled_tokens:  # a forward pass ran and worked
+            self.num_consecutive_failed_steps = 0
         outputs = self._process(core_outputs, RequestFailedError)
         self._notify_step()
         return outputs
@@ -134,7 +135,9 @@ class Engine:
             self.core.finish_requests(processed.stopped, RequestStatus.FINISHED_STOPPED)
         for failure in processed.failed:
             self.core.finish_requests(failure.sequence_ids, RequestStatus.FINISHED_ERROR)
-            self.request_errors[failure.request_id] = error_type(failure.message)
+            # An error recorded earlier in the step (a grammar that did not compile)
+            # is the request's own reason; keep it.
+            self.request_errors.setdefault(failure.request_id, error_type(failure.message))
         return processed.outputs
 
     def _fail_every_request(self, error: Exception) -> list[RequestOutput]:
@@ -142,7 +145,7 @@ class Engine:
         forget the prefix cache (the step may have left blocks half-written)."""
         logger.error("the model step failed; failing every request in flight", exc_info=error)
         self.num_consecutive_failed_steps += 1
-        message = f"the model step failed ({type(error).__name__})"
+        message = describe_failure("the model step", error)
         request_ids = self.output_processor.request_ids()
         for request_id in request_ids:
             self.grammar_compiler.cancel(request_id)
@@ -164,8 +167,18 @@ class Engine:
         compiled = compiler.take_compiled()
         self.core.add_requests(compiled.ready)
         self.request_errors.update(compiled.errors)
-        return [EngineCoreOutput(request.request_id, [], None, finish_reason="abort")
-                for request in compiled.failed]
+        outputs = []
+        for request in compiled.failed:
+            # A spec that does not compile aborts its request (a 400); a backend that
+            # fails for another reason is an error (a 500).
+            error = compiled.errors.get(self.output_processor.request_of(request.request_id))
+            if isinstance(error, RequestFailedError):
+                outputs.append(EngineCoreOutput(request.request_id, [], None,
+                                                finish_reason="error", error=str(error)))
+            else:
+                outputs.append(EngineCoreOutput(request.request_id, [], None,
+                                                finish_reason="abort"))
+        return outputs
 
     def pop_request_error(self, request_id: str) -> Exception | None:
         """Why a request accepted by add_request ended on its own, if it did: a

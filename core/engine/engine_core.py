@@ -75,9 +75,7 @@ class EngineCore:
         in flight and forget the prefix cache, whose blocks that step may have
         left half-written."""
         self.in_flight = None
-        scheduler = self.scheduler
-        scheduler.finish_requests(scheduler.unfinished_request_ids(), RequestStatus.FINISHED_ERROR)
-        scheduler.kv_cache_manager.reset_prefix_cache()
+        self.scheduler.reset()
         self.runner.reset()
 
     def has_unfinished_requests(self) -> bool:

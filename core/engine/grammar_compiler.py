@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import torch
 
+from kvloom.failures import RequestFailedError, describe_failure
 from kvloom.interfaces.structured_output import Grammar, StructuredOutputBackend
 from kvloom.scheduler.request import Request
 from kvloom.worker.grammar_mask import TrackedGrammar
@@ -46,7 +47,7 @@ class CompiledRequests:
 
     ready: list[Request]   # grammars attached; hand them to the scheduler
     failed: list[Request]  # raised or cancelled; end them with finish_reason "abort"
-    errors: dict[str, ValueError]  # why it raised, by the request id given to submit()
+    errors: dict[str, Exception]  # why it raised, by the request id given to submit()
 
 
 class _CompilePool:
@@ -211,7 +212,7 @@ class GrammarCompiler:
         self.backend.fill_bitmasks(grammars, bitmask, rows)
 
 
-def _error_of(request_id: str, future: Future) -> ValueError | None:
+def _error_of(request_id: str, future: Future) -> Exception | None:
     """Why a finished compilation gave no grammars, worded for the request's caller."""
     error = future.exception()
     if error is None:
@@ -219,5 +220,7 @@ def _error_of(request_id: str, future: Future) -> ValueError | None:
     if isinstance(error, ValueError):  # the spec's fault: the caller hears it, no alarm here
         logger.info("request %s: its grammar was refused: %s", request_id, error)
         return error
+    # Not the spec's fault (a plugin bug, a file it could not read): a server error whose
+    # text, which may hold paths, goes to the log only.
     logger.error("compiling the grammar of request %s failed", request_id, exc_info=error)
-    return ValueError(f"the grammar did not compile: {error}")
+    return RequestFailedError(describe_failure("compiling the grammar", error))

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 from kvloom.config import EngineConfig
 from kvloom.engine.engine import Engine
-from kvloom.engine.failures import EngineStepError, RequestFailedError
+from kvloom.failures import EngineStepError, RequestFailedError
 from kvloom.engine.input_processor import PromptType
 from kvloom.outputs import RequestOutput
 from kvloom.plugin_manager import KvloomPluginManager

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvloom.engine.detokenizer import IncrementalDetokenizer
+from kvloom.failures import describe_failure
 from kvloom.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 from kvloom.sampling_params import RequestOutputKind, SamplingParams
 from kvloom.scheduler.output import EngineCoreOutput, SampleLogprobs
@@ -97,6 +98,9 @@ class OutputProcessor:
         self.states[request_id] = RequestState(request_id, prompt, prompt_token_ids, params,
                                                sequences)
 
+    def request_of(self, sequence_id: str) -> str | None:
+        return self.sequence_to_request.get(sequence_id)
+
     def request_ids(self) -> list[str]:
         return list(self.states)
 
@@ -135,7 +139,7 @@ class OutputProcessor:
                 except Exception as exc:
                     logger.error("detokenizing request %s raised; failing it", request_id,
                                  exc_info=exc)
-                    error = f"detokenizing failed ({type(exc).__name__})"
+                    error = describe_failure("detokenizing", exc)
             if error is not None:
                 failed[request_id] = self._fail(state, error)
         outputs = [output for state in touched.values()
@@ -171,8 +175,7 @@ class OutputProcessor:
             logger.error("building the output of request %s raised; failing it",
                          state.request_id, exc_info=exc)
             failed.setdefault(state.request_id,
-                              self._fail(state, f"building its output failed "
-                                                f"({type(exc).__name__})"))
+                              self._fail(state, describe_failure("building its output", exc)))
             completions = [CompletionOutput(seq.index, "", [], None, None, finish_reason="error")
                            for seq in state.sequences.values()]
             return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids,

@@ -135,7 +135,7 @@ def run_serve(args: argparse.Namespace) -> int:
     engine = Engine.from_config(serve_engine_config(args))
     async_engine = AsyncEngine(engine, max_queued_requests=args.max_queued_requests)
     app = build_app(async_engine, args.served_model_name or args.model,
-                    api_key=args.api_key if args.api_key is not None else api_key_from_env(),
+                    api_key=args.api_key or api_key_from_env(),  # "" never means "no key"
                     max_body_bytes=args.max_body_bytes,
                     max_header_count=args.h11_max_header_count,
                     body_timeout=args.timeout_request_body)

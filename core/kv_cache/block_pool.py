@@ -90,11 +90,6 @@ class BlockPool:
         """Forget a block's hash (its contents were never computed)."""
         self._forget_hash(block)
 
-    def forget_all_hashes(self) -> None:
-        for block in self.blocks:
-            block.block_hash = None
-        self.hash_to_block.clear()
-
     def _forget_hash(self, block: KVBlock) -> None:
         if block.block_hash is not None:
             if self.hash_to_block.get(block.block_hash) is block:

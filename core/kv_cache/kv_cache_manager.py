@@ -137,10 +137,13 @@ class KVCacheManager:
                 self.pool.uncache_block(block)
         self.pool.release(blocks[::-1])
 
-    def reset_prefix_cache(self) -> None:
-        """Forget every cached prefix (after a failed step, whose blocks may hold
-        KV that was never written). Blocks still in use keep their contents."""
-        self.pool.forget_all_hashes()
+    def reset(self) -> None:
+        """Every block free and no prefix cached, whatever requests held (after a failed
+        step, whose blocks may hold KV that was never written)."""
+        self.pool = BlockPool(self.pool.num_blocks, self.enable_prefix_caching)
+        self.request_to_blocks.clear()
+        self.request_to_block_ids.clear()
+        self.request_to_num_cached_blocks.clear()
 
     def _cache_full_blocks(self, request: Request, blocks: list[KVBlock],
                            num_total_tokens: int) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from kvloom.failures import describe_failure
 from kvloom.kv_cache.kv_cache_manager import KVCacheManager, PrefixHit
 from kvloom.scheduler.output import (PLACEHOLDER_TOKEN_ID, EngineCoreOutput, ScheduledRequest,
                                      SchedulerOutput)
@@ -75,8 +76,16 @@ class Scheduler:
     def has_unfinished_requests(self) -> bool:
         return bool(self.running) or len(self.waiting) > 0
 
-    def unfinished_request_ids(self) -> list[str]:
-        return list(self.requests)
+    def reset(self) -> None:
+        """End every request with an error and free every KV block, whatever state a
+        step that raised halfway left them in."""
+        for request in self.requests.values():
+            request.status = RequestStatus.FINISHED_ERROR
+        self.finished_request_ids |= set(self.requests)
+        self.requests = {}
+        self.running = []
+        self.waiting = make_waiting_queue(self.limits.policy)
+        self.kv_cache_manager.reset()
 
     def needs_every_token_on_host(self) -> bool:
         """True if a running request's sampling depends on its latest tokens on the host
@@ -258,7 +267,7 @@ class Scheduler:
                 output = None if error else self._update_request(request, runner_output, row)
             except Exception as exc:
                 logger.error("updating request %s raised; failing it", request_id, exc_info=exc)
-                error = f"checking the stop conditions failed ({type(exc).__name__})"
+                error = describe_failure("checking the stop conditions", exc)
             if error:
                 output = self._fail(request, error)
             finished_any |= request.is_finished()

@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from kvloom.failures import describe_failure
 from kvloom.interfaces.structured_output import Grammar
 
 logger = logging.getLogger(__name__)
@@ -65,12 +66,6 @@ class FilledRows:
 
     rows: list[int]
     failed: dict[int, str]
-
-
-def describe_failure(what: str, error: BaseException) -> str:
-    """A short, client-safe account of a failure: the stage and the exception type
-    (its text may hold paths or input; it goes to the log instead)."""
-    return f"{what} failed ({type(error).__name__})"
 
 
 class GrammarMasks:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -14,7 +15,8 @@ from kvloom.scheduler.output import ScheduledRequest, SchedulerOutput
 from kvloom.worker.cuda_graphs import CudaGraphDecoder
 from kvloom.worker.grammar_mask import FillBitmasks, GrammarMasks, MaskFill, fill_one_by_one
 from kvloom.worker.input_batch import InputBuffers, ModelInputs
-from kvloom.worker.row_isolation import logits_spans, sample_row_by_row
+from kvloom.worker.row_isolation import (flag_tokens_outside_vocabulary, logits_spans,
+                                         sample_row_by_row)
 from kvloom.worker.runner_output import ModelRunnerOutput, PendingRunnerOutput
 from kvloom.worker.sampling import SampledTokenStore, SamplingState, to_runner_output
 from kvloom.worker.spec_decode import DraftCandidate, SpeculativeDecoder
@@ -38,7 +40,9 @@ class ModelRunner:
         self.device = device
         self.kv_caches: list[torch.Tensor] = []
         self.sampling_state = SamplingState(device)
-        self.sampled_tokens = SampledTokenStore(buffers.max_num_seqs, device)
+        self.vocab_size = vocab_size
+        self.num_failed_batches = 0  # batches sampled again row by row after raising
+        self.sampled_tokens = SampledTokenStore(buffers.max_num_seqs, device, vocab_size)
         self.cuda_graphs: CudaGraphDecoder | None = None
         # With drafts, a request has a mask row per verified position.
         self.grammar_masks = GrammarMasks(buffers.max_num_seqs * (1 + num_speculative_tokens),
@@ -96,12 +100,20 @@ class ModelRunner:
         if mask_fill is not None:
             logits, failed = self.grammar_masks.apply(logits, mask_fill)
             errors = {rows[index].request_id: message for index, message in failed.items()}
+        seeds = self.sampling_state.snapshot(rows)
         try:
             pending = self._sample_batch(rows, logits)
-        except Exception:
-            logger.warning("sampling a batch of %d requests raised; sampling them one by one "
-                           "to fail only those that raise", len(rows))
+        except Exception as error:
+            self.num_failed_batches += 1
+            logger.warning("sampling a batch of %d requests raised (%d batches so far); "
+                           "sampling them one by one to fail only those that raise", len(rows),
+                           self.num_failed_batches,
+                           exc_info=error if self.num_failed_batches == 1 else None)
+            self.sampling_state.restore(seeds)  # seeded rows draw what they would have
             pending = PendingRunnerOutput.ready(self._sample_each(rows, logits))
+        if self.vocab_size:
+            pending = pending.then(functools.partial(flag_tokens_outside_vocabulary,
+                                                     vocab_size=self.vocab_size))
         return pending.with_errors(errors)
 
     def _sample_batch(self, rows: list[ScheduledRequest],

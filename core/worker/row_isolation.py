@@ -13,8 +13,8 @@ from typing import Callable
 
 import torch
 
+from kvloom.failures import describe_failure
 from kvloom.scheduler.output import ScheduledRequest
-from kvloom.worker.grammar_mask import describe_failure
 from kvloom.worker.runner_output import ModelRunnerOutput
 
 logger = logging.getLogger(__name__)
@@ -53,3 +53,13 @@ def sample_row_by_row(rows: list[ScheduledRequest], logits: torch.Tensor,
         merged.logprobs.append(output.logprobs[0])
         merged.errors.update(output.errors)
     return merged
+
+
+def flag_tokens_outside_vocabulary(output: ModelRunnerOutput, vocab_size: int) -> None:
+    """Fail the rows whose sampler returned an id no embedding row has (fed back,
+    it would fail the next step for every request)."""
+    for request_id, token_ids in zip(output.request_ids, output.sampled_token_ids):
+        if request_id not in output.errors and not all(0 <= t < vocab_size for t in token_ids):
+            logger.error("request %s sampled a token id outside the vocabulary [0, %d): %s",
+                         request_id, vocab_size, token_ids)
+            output.errors[request_id] = "sampling failed (a token id outside the vocabulary)"

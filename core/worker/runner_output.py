@@ -70,17 +70,18 @@ class PendingRunnerOutput:
         pending._result = output
         return pending
 
-    def with_errors(self, errors: dict[str, str]) -> "PendingRunnerOutput":
-        """This step, with ``errors`` (request id -> what failed) added to its output."""
-        if not errors:
-            return self
-
+    def then(self, check: Callable[[ModelRunnerOutput], None]) -> "PendingRunnerOutput":
+        """This step, with ``check`` run on its output (to add errors) once it arrives."""
         def wait() -> ModelRunnerOutput:
             output = self.result()
-            output.errors.update(errors)
+            check(output)
             return output
 
         return PendingRunnerOutput(wait)
+
+    def with_errors(self, errors: dict[str, str]) -> "PendingRunnerOutput":
+        """This step, with ``errors`` (request id -> what failed) added to its output."""
+        return self.then(lambda output: output.errors.update(errors)) if errors else self
 
     def result(self) -> ModelRunnerOutput:
         """Block until the step's tokens are on the host (once)."""

@@ -24,6 +24,23 @@ class SamplingState:
         for request_id in request_ids:
             self.request_to_generator.pop(request_id, None)
 
+    def snapshot(self, rows: list[ScheduledRequest]) -> dict[str, torch.Tensor | None]:
+        """The seeded rows' generator states (None: not created yet), to draw the same
+        numbers again if a batch is sampled a second time, row by row."""
+        saved = {}
+        for row in rows:
+            if row.sampling_params.seed is not None and not row.sampling_params.is_greedy:
+                generator = self.request_to_generator.get(row.request_id)
+                saved[row.request_id] = None if generator is None else generator.get_state()
+        return saved
+
+    def restore(self, saved: dict[str, torch.Tensor | None]) -> None:
+        for request_id, state in saved.items():
+            if state is None:
+                self.request_to_generator.pop(request_id, None)
+            elif request_id in self.request_to_generator:
+                self.request_to_generator[request_id].set_state(state)
+
     def metadata_for(self, rows: list[ScheduledRequest]) -> SamplingMetadata:
         params = [row.sampling_params for row in rows]
         # One host array and one copy for every float column.
@@ -71,8 +88,9 @@ class SampledTokenStore:
     step N's before they are read.
     """
 
-    def __init__(self, max_num_seqs: int, device: torch.device) -> None:
+    def __init__(self, max_num_seqs: int, device: torch.device, vocab_size: int = 0) -> None:
         pin = device.type == "cuda"
+        self.vocab_size = vocab_size
         self.host_buffers = [torch.zeros(max_num_seqs, dtype=torch.int64, pin_memory=pin)
                              for _ in range(2)]
         self.next_buffer = 0
@@ -82,7 +100,10 @@ class SampledTokenStore:
 
     def record(self, rows: list[ScheduledRequest], output: SamplerOutput) -> PendingRunnerOutput:
         sampled = output.sampled_token_ids
-        self.last_sampled = sampled
+        # The next step may feed these to the model before the host has seen them: an id
+        # outside the vocabulary (a sampler bug, failed on the host) must not reach the
+        # embedding there.
+        self.last_sampled = sampled.clamp(0, self.vocab_size - 1) if self.vocab_size else sampled
         self.last_row_of = {row.request_id: index for index, row in enumerate(rows)}
         host = self.host_buffers[self.next_buffer][:len(rows)]
         self.next_buffer ^= 1
@@ -97,7 +118,9 @@ class SampledTokenStore:
 
     def remember(self, rows: list[ScheduledRequest], token_ids: list[int]) -> None:
         """Record tokens sampled on the host (a batch sampled row by row)."""
-        self.last_sampled = torch.tensor(token_ids, dtype=torch.int64).to(self.device)
+        sampled = torch.tensor(token_ids, dtype=torch.int64)
+        self.last_sampled = (sampled.clamp(0, self.vocab_size - 1) if self.vocab_size
+                             else sampled).to(self.device)
         self.last_row_of = {row.request_id: index for index, row in enumerate(rows)}
 
     def fill_placeholders(self, input_ids: torch.Tensor, token_indices, request_ids: list[str]) -> None:

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import time
+import types
 
 import pytest
 
 from fault_plugins import FAULT_AFTER_TOKENS, FAULTY_TOP_P, BreakingForward, FaultPlugins
-from kvloom import LLM, SamplingParams, make_plugin_manager
+from kvloom import LLM, SamplingParams, hookimpl, make_plugin_manager
 from kvloom.engine.async_engine import AsyncEngine, EngineDeadError
-from kvloom.engine.failures import EngineStepError, RequestFailedError
+from kvloom.failures import EngineStepError, RequestFailedError
+from kvloom.plugins.samplers.default import DefaultSampler
 from kvloom.sampling_params import RequestOutputKind, StructuredOutputsParams
 
 PROMPTS = [[5, 9, 13, 2], [7, 7, 3, 1, 4], [11, 2, 8]]
@@ -219,3 +221,59 @@ def test_a_request_that_can_never_fit_is_a_value_error_not_overload(tiny_qwen2):
         assert run_async(engine, {"prompt_token_ids": PROMPTS[0]}, params, "fits")[-1].finished
     finally:
         engine.shutdown()
+
+
+class OutOfVocabularySampler(DefaultSampler):
+    """Returns an id past the vocabulary for rows with FAULTY_TOP_P."""
+
+    name = "out_of_vocabulary"
+
+    def sample(self, logits, metadata):
+        output = super().sample(logits, metadata)
+        for row, top_p in enumerate(metadata.top_p.tolist()):
+            if abs(top_p - FAULTY_TOP_P) < 1e-6:
+                output.sampled_token_ids[row] = 10**6
+        return output
+
+
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_a_sampled_id_outside_the_vocabulary_fails_only_its_request(tiny_qwen2,
+                                                                    async_scheduling):
+    plugin = types.SimpleNamespace(register_samplers=hookimpl(
+        lambda register: register("out_of_vocabulary", OutOfVocabularySampler)))
+    manager = make_plugin_manager(extra_plugins={"oov": plugin})
+    llm = LLM(str(tiny_qwen2), dtype="float32", plugin_manager=manager,
+              sampler="out_of_vocabulary", scheduler={"async_scheduling": async_scheduling})
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    expected = token_ids(llm.generate(prompts[:1], greedy()))
+    outputs = llm.generate(prompts[:2], [greedy(), greedy(top_p=FAULTY_TOP_P)])
+    assert outputs[1].outputs[0].finish_reason == "error"
+    assert outputs[1].outputs[0].token_ids == []
+    assert token_ids(outputs[:1]) == expected
+    assert_engine_idle(llm)
+
+
+class SamplerAdvancingSeedsThenRaising(DefaultSampler):
+    """Samples the batch (drawing from seeded generators) and then raises for a batch
+    holding a FAULTY_TOP_P row: the row-by-row retry must not see advanced streams."""
+
+    name = "advancing"
+
+    def sample(self, logits, metadata):
+        output = super().sample(logits, metadata)
+        if any(abs(top_p - FAULTY_TOP_P) < 1e-6 for top_p in metadata.top_p.tolist()):
+            raise RuntimeError("fails after drawing")
+        return output
+
+
+def test_seeded_neighbours_of_a_failing_row_keep_their_stream(tiny_qwen2):
+    plugin = types.SimpleNamespace(register_samplers=hookimpl(
+        lambda register: register("advancing", SamplerAdvancingSeedsThenRaising)))
+    manager = make_plugin_manager(extra_plugins={"advancing": plugin})
+    llm = LLM(str(tiny_qwen2), dtype="float32", plugin_manager=manager, sampler="advancing")
+    seeded = SamplingParams(temperature=1.0, seed=7, max_tokens=8, ignore_eos=True)
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS[:2]]
+    alone = token_ids(llm.generate(prompts[:1], seeded))
+    outputs = llm.generate(prompts, [seeded, greedy(top_p=FAULTY_TOP_P)])
+    assert outputs[1].outputs[0].finish_reason == "error"
+    assert token_ids(outputs[:1]) == alone

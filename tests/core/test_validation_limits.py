@@ -398,3 +398,11 @@ def test_kv_cache_messages_name_the_field(llm):
     with pytest.raises(ValueError) as excinfo:
         small.check_length(20, SamplingParams(max_tokens=20))
     assert_names(excinfo, "max_tokens")
+
+
+@pytest.mark.parametrize("name", ["ignore_eos", "skip_special_tokens",
+                                  "include_stop_str_in_output"])
+def test_boolean_fields_must_be_booleans(name):
+    with pytest.raises(ValueError, match=f"^{name} must be a boolean"):
+        SamplingParams(**{name: "false"})
+    assert getattr(SamplingParams(**{name: True}), name) is True

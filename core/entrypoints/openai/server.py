@@ -54,9 +54,8 @@ def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         async_engine.start()
-        if warm_up:
-            await _warm_up(async_engine)
-        state.ready = async_engine.is_healthy
+        warmed_up = await _warm_up(async_engine) if warm_up else True
+        state.ready = warmed_up and async_engine.is_healthy
         watcher = asyncio.ensure_future(_watch_engine(state))
         try:
             yield
@@ -73,13 +72,16 @@ def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | 
     return app
 
 
-async def _warm_up(engine: AsyncEngine) -> None:
+async def _warm_up(engine: AsyncEngine) -> bool:
+    """Whether a one-token request went through (the engine may survive a failed one)."""
     params = SamplingParams(max_tokens=1, output_kind=RequestOutputKind.DELTA)
     try:
         async for _ in engine.generate({"prompt_token_ids": [0]}, params, "warmup"):
             pass
-    except Exception:  # readiness stays false; /health says why
+    except Exception:  # readiness stays false
         logger.exception("warm-up request failed")
+        return False
+    return True
 
 
 async def _watch_engine(state: ServerState) -> None:

@@ -14,7 +14,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from kvloom.engine.async_engine import EngineDeadError, EngineOverloadedError
-from kvloom.engine.failures import RequestFailedError
+from kvloom.failures import RequestFailedError
 from kvloom.entrypoints.openai import protocol as p
 from kvloom.entrypoints.openai.accumulator import Accumulator
 from kvloom.entrypoints.openai.errors import APIError, error_body, param_of_value_error

@@ -1,6 +1,13 @@
-"""Errors that end requests inside the engine, without ending the engine."""
+"""Errors that end requests inside the engine, without ending the engine, and how a
+failure is described to the request's client."""
 
 from __future__ import annotations
+
+
+def describe_failure(stage: str, error: BaseException) -> str:
+    """A short, client-safe account of a failure: the stage and the exception's type
+    (its text may hold paths or input; it goes to the log instead)."""
+    return f"{stage} failed ({type(error).__name__})"
 
 
 class RequestFailedError(RuntimeError):
