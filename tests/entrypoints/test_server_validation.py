@@ -317,3 +317,19 @@ def test_cache_salt_reaches_the_prefix_cache(http, live, monkeypatch):
     assert cached("/v1/chat/completions", None, **chat) == 0
     assert cached("/v1/chat/completions", "carol", **chat) == 0
     assert cached("/v1/chat/completions", "carol", **chat) > 0
+
+
+def test_n_that_can_never_fit_is_400_not_503(http, live):
+    engine = live.async_engine
+    saved, engine.max_slots = engine.max_slots, 3  # max_num_seqs + max_queued_requests
+    try:
+        too_wide = http.post("/v1/completions", json={"model": MODEL_NAME, "prompt": "Hi",
+                                                      "n": 4, "temperature": 1.0,
+                                                      "max_tokens": 2})
+        fits = http.post("/v1/completions", json={"model": MODEL_NAME, "prompt": "Hi", "n": 3,
+                                                  "temperature": 1.0, "max_tokens": 2})
+    finally:
+        engine.max_slots = saved
+    assert "retry-after" not in too_wide.headers
+    assert_400(too_wide, "n", mentions="can ever hold")
+    assert fits.status_code == 200 and len(fits.json()["choices"]) == 3
