@@ -14,8 +14,8 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, Strict, StringConstraints,
-                      ValidationInfo, model_validator)
+from pydantic import (AfterValidator, AllowInfNan, BaseModel, ConfigDict, Field, Strict,
+                      StringConstraints, ValidationInfo, model_validator)
 
 from kvloom.sampling_params import check_text
 
@@ -29,7 +29,9 @@ def _valid_text(value: str, info: ValidationInfo) -> str:
 
 
 Int = Annotated[int, Strict()]
-Float = Annotated[float, Strict()]
+# NaN and infinities (Python's JSON reads them) are refused as such, not by a range check
+# that would say "should be less than or equal to 2" of NaN.
+Float = Annotated[float, Strict(), AllowInfNan(False)]
 Bool = Annotated[bool, Strict()]
 Str = Annotated[str, Strict(), AfterValidator(_valid_text)]
 Name = Annotated[str, Strict(), StringConstraints(max_length=MAX_NAME_CHARS),
