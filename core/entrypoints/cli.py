@@ -14,7 +14,10 @@ from kvloom.entrypoints.cli_serve import add_serve_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from kvloom import __version__
+
     parser = argparse.ArgumentParser(prog="kvloom", description="kvloom LLM engine")
+    parser.add_argument("--version", action="version", version=f"kvloom {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     add_generate_parser(commands)
     add_plugins_parser(commands)

