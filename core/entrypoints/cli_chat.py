@@ -33,11 +33,13 @@ def run_chat(args: argparse.Namespace) -> int:
     if engine.tokenizer is None:
         raise ValueError("chat needs a tokenizer; this model has none")
     messages = [{"role": "system", "content": args.system}] if args.system else []
-    print("kvloom chat: type a message; an empty line or Ctrl-D ends.", file=sys.stderr)
+    print("kvloom chat: type a message; an empty line, Ctrl-D or Ctrl-C ends "
+          "(Ctrl-C during a reply stops the reply).", file=sys.stderr)
     for turn in itertools.count():
         try:
             line = input("> ")
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)  # end the prompt's line
             break
         if not line.strip():
             break
@@ -55,10 +57,14 @@ def stream_reply(engine, messages: list[dict], params, request_id: str) -> str:
         token_ids = token_ids["input_ids"]  # transformers 5 returns a BatchEncoding
     engine.add_request(request_id, {"prompt_token_ids": list(token_ids)}, params)
     pieces = []
-    while engine.has_unfinished_requests():
-        for output in engine.step():
-            piece = output.outputs[0].text
-            pieces.append(piece)
-            print(piece, end="", flush=True)
+    try:
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                piece = output.outputs[0].text
+                pieces.append(piece)
+                print(piece, end="", flush=True)
+    except KeyboardInterrupt:  # stop this reply (keeping what came) and go back to the prompt
+        engine.abort_request(request_id)
+        print(" [interrupted]", end="", file=sys.stderr)
     print()
     return "".join(pieces)
