@@ -29,7 +29,8 @@ def add_serve_parser(commands) -> None:
                              "/ready and /metrics (default: $KVLOOM_API_KEY, which keeps the "
                              "key out of the process list)")
     parser.add_argument("--served-model-name", default=None,
-                        help="the model name clients send (default: the model argument)")
+                        help="the model name clients send (default: the model argument, or "
+                             "the model an engine.yaml names)")
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--attention", default=None)
     parser.add_argument("--platform", default=None)
@@ -86,6 +87,14 @@ def serve_engine_config(args: argparse.Namespace):
     return config
 
 
+def served_model_name(args: argparse.Namespace, config_model: str) -> str:
+    """The name clients send: --served-model-name, else the model as given (for an
+    engine.yaml, the model it names, not the file's name)."""
+    if args.served_model_name:
+        return args.served_model_name
+    return config_model if args.model.endswith((".yaml", ".yml")) else args.model
+
+
 def check_http_limits(args: argparse.Namespace) -> None:
     """ValueError for a limit that would refuse everything or nothing."""
     if args.api_key is not None and not args.api_key.strip():
@@ -136,9 +145,10 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.max_queued_requests < 0:
         raise ValueError("--max-queued-requests must be non-negative")
     check_http_limits(args)
-    engine = Engine.from_config(serve_engine_config(args))
+    config = serve_engine_config(args)
+    engine = Engine.from_config(config)
     async_engine = AsyncEngine(engine, max_queued_requests=args.max_queued_requests)
-    app = build_app(async_engine, args.served_model_name or args.model,
+    app = build_app(async_engine, served_model_name(args, config.model.model),
                     api_key=args.api_key if args.api_key is not None else api_key_from_env(),
                     max_body_bytes=args.max_body_bytes,
                     max_header_count=args.h11_max_header_count,

@@ -178,3 +178,14 @@ def test_an_empty_api_key_refuses_to_start(capsys):
 def test_a_missing_model_path_says_it_does_not_exist(model, capsys):
     assert cli.main(["generate", "--model", model, "hi"]) == 2
     assert capsys.readouterr().err == f"kvloom: error: model path {model!r} does not exist\n"
+
+
+def test_a_server_started_from_engine_yaml_is_named_after_its_model(tmp_path):
+    from kvloom.entrypoints.cli_serve import served_model_name
+
+    parse = cli.build_parser().parse_args
+    config = tmp_path / "engine.yaml"
+    assert served_model_name(parse(["serve", str(config)]), "/models/qwen") == "/models/qwen"
+    assert served_model_name(parse(["serve", "./my-qwen2"]), "./my-qwen2") == "./my-qwen2"
+    named = parse(["serve", str(config), "--served-model-name", "mine"])
+    assert served_model_name(named, "/models/qwen") == "mine"
