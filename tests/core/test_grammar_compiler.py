@@ -22,6 +22,7 @@ from kvloom import LLM, Engine, SamplingParams, StructuredOutputsParams, hookimp
 from kvloom import make_plugin_manager
 from kvloom.engine.grammar_compiler import NUM_COMPILE_THREADS, GrammarCompiler
 from kvloom.interfaces.structured_output import Grammar, StructuredOutputBackend
+from engine_steps import run_until_finished
 
 SLOW = "slow"  # the regex whose compilation waits for the plugin's gate
 GATE_TIMEOUT_S = 60
@@ -115,18 +116,6 @@ def constrained(max_tokens: int = 20, **spec) -> SamplingParams:
                           structured_outputs=StructuredOutputsParams(**spec))
 
 
-def run_until_finished(engine, request_ids, max_steps=500):
-    finished = {}
-    for _ in range(max_steps):
-        for output in engine.step():
-            if output.finished:
-                finished[output.request_id] = output
-        if set(request_ids) <= set(finished):
-            return finished
-    missing = set(request_ids) - set(finished)
-    raise AssertionError(f"not finished after {max_steps} steps: {missing}")
-
-
 # ------------------------------------------------------------------ in the engine
 def test_a_blocked_compile_stalls_neither_the_engine_nor_other_compiles(tiny_qwen2):
     plugin = BlockingBackendPlugin()
@@ -162,7 +151,8 @@ def test_the_backend_is_built_and_validates_on_a_compile_thread(tiny_qwen2):
 
 
 CHILD = """
-import importlib.util, sys
+import importlib.util, pathlib, sys
+sys.path.insert(0, str(pathlib.Path(sys.argv[1]).parents[1]))  # tests/, for its helpers
 spec = importlib.util.spec_from_file_location("grammar_compiler_tests", sys.argv[1])
 tests = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(tests)

@@ -15,6 +15,7 @@ from kvloom import Engine, SamplingParams, StructuredOutputsParams, hookimpl  # 
 from kvloom import make_plugin_manager  # noqa: E402
 from kvloom.failures import RequestFailedError  # noqa: E402
 from kvloom.worker.grammar_mask import GrammarMasks, TrackedGrammar  # noqa: E402
+from engine_steps import run_until_finished  # noqa: E402
 
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["n", "tag"],
           "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99},
@@ -58,17 +59,6 @@ def make_engine(tiny_qwen2, plugin=None, **overrides):
 def constrained(max_tokens=60, **spec):
     return SamplingParams(temperature=0, max_tokens=max_tokens,
                           structured_outputs=StructuredOutputsParams(**spec))
-
-
-def run_until_finished(engine, request_ids, max_steps=500):
-    finished = {}
-    for _ in range(max_steps):
-        for output in engine.step():
-            if output.finished:
-                finished[output.request_id] = output
-        if set(request_ids) <= set(finished):
-            return finished
-    raise AssertionError(f"not finished after {max_steps} steps: {set(request_ids) - set(finished)}")
 
 
 def test_a_compiling_grammar_does_not_stall_other_requests(tiny_qwen2):

@@ -73,7 +73,8 @@ def test_range_edges_are_accepted():
                    {"max_tokens": MAX_NUM_TOKENS}, {"max_tokens": None, "min_tokens": 100},
                    {"stop": ["x" * MAX_STOP_STRING_CHARS] * MAX_STOP_STRINGS},
                    {"stop_token_ids": [1] * MAX_STOP_TOKEN_IDS}):
-        SamplingParams(**kwargs)
+        params = SamplingParams(**kwargs)
+        assert {name: getattr(params, name) for name in kwargs} == kwargs
 
 
 def test_seed_range_is_inside_what_torch_accepts():

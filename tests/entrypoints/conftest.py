@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import socket
-import threading
-import time
 from dataclasses import dataclass
 
 import pytest
 from server_settings import API_KEY, MODEL_NAME
+from server_threads import start_in_thread
 
 
 @dataclass
@@ -38,13 +37,7 @@ def start_server(model_path, api_key=None, max_body_bytes=64 * 1024, plugin_mana
     app = build_app(async_engine, MODEL_NAME, api_key=api_key, max_body_bytes=max_body_bytes)
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.02)
+    thread = start_in_thread(server)
     return LiveServer(f"http://127.0.0.1:{port}", async_engine, app), server, thread
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import httpx
 import pytest
 from server_settings import API_KEY, MODEL_NAME
+from server_threads import start_in_thread
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 SLOW_CLIENT_TIMEOUT = 0.5  # --timeout-request-headers / --timeout-request-body under test
@@ -63,13 +64,7 @@ def serve_in_thread(model_path, flags=(), **engine_kwargs) -> ThreadServer:
                     body_timeout=args.timeout_request_body)
     server = DrainingServer(uvicorn_config(app, args), app.state.kvloom,
                             drain_timeout=args.drain_timeout)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.02)
+    thread = start_in_thread(server)
     return ThreadServer(f"http://127.0.0.1:{port}", port, async_engine, server, thread)
 
 
