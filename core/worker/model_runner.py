@@ -100,7 +100,7 @@ class ModelRunner:
         if mask_fill is not None:
             logits, failed = self.grammar_masks.apply(logits, mask_fill)
             errors = {rows[index].request_id: message for index, message in failed.items()}
-        seeds = self.sampling_state.snapshot(rows)
+        seeds = self.sampling_state.snapshot()
         try:
             pending = self._sample_batch(rows, logits)
         except Exception as error:

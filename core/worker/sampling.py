@@ -24,21 +24,20 @@ class SamplingState:
         for request_id in request_ids:
             self.request_to_generator.pop(request_id, None)
 
-    def snapshot(self, rows: list[ScheduledRequest]) -> dict[str, torch.Tensor | None]:
-        """The seeded rows' generator states (None: not created yet), to draw the same
-        numbers again if a batch is sampled a second time, row by row."""
-        saved = {}
-        for row in rows:
-            if row.sampling_params.seed is not None and not row.sampling_params.is_greedy:
-                generator = self.request_to_generator.get(row.request_id)
-                saved[row.request_id] = None if generator is None else generator.get_state()
-        return saved
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        """Every live seeded generator's state (usually none: a dict lookup per step), to
+        draw the same numbers again if a batch is sampled a second time, row by row."""
+        return {request_id: generator.get_state()
+                for request_id, generator in self.request_to_generator.items()}
 
-    def restore(self, saved: dict[str, torch.Tensor | None]) -> None:
-        for request_id, state in saved.items():
+    def restore(self, saved: dict[str, torch.Tensor]) -> None:
+        """Back to ``saved``: generators made since are dropped (made again from their
+        seeds), the others rewound."""
+        for request_id in list(self.request_to_generator):
+            state = saved.get(request_id)
             if state is None:
-                self.request_to_generator.pop(request_id, None)
-            elif request_id in self.request_to_generator:
+                del self.request_to_generator[request_id]
+            else:
                 self.request_to_generator[request_id].set_state(state)
 
     def metadata_for(self, rows: list[ScheduledRequest]) -> SamplingMetadata:
