@@ -1,5 +1,5 @@
-"""Structural rules from ARCHITECTURE.md: core never imports plugins, imports stay lazy,
-every hook is documented with an example."""
+"""Structural rules: the core never imports plugins, no module imports one from a layer
+above it, imports stay lazy, every hook is documented with an example."""
 
 from __future__ import annotations
 
@@ -15,49 +15,97 @@ import pytest
 import kvloom
 from kvloom import hookspecs
 
-CORE_DIR = Path(kvloom.__file__).resolve().parent
+PACKAGE_DIR = Path(kvloom.__file__).resolve().parent
 FORBIDDEN_PACKAGE = "kvloom.plugins"
 
+# The layers of the package, lowest first (docs/engine.md draws them). A module may
+# import modules of its own layer or of a layer below, never one above. A prefix
+# names a package or module; the longest prefix that matches a module gives its layer,
+# so a feature package (spec_decode, structured_output) has a part in each layer
+# it works in.
+LAYERS: list[tuple[str, tuple[str, ...]]] = [
+    ("foundation", ("kvloom", "kvloom.failures", "kvloom.sampling_params", "kvloom.outputs",
+                    "kvloom.config", "kvloom.hookspecs", "kvloom.interfaces", "kvloom.request",
+                    "kvloom.step", "kvloom.model_source")),
+    ("plugin loading", ("kvloom.plugin_manager", "kvloom.registry")),
+    ("kv cache", ("kvloom.kv_cache",)),
+    ("scheduling", ("kvloom.scheduler", "kvloom.spec_decode")),
+    ("execution", ("kvloom.worker", "kvloom.spec_decode.decoder",
+                   "kvloom.spec_decode.rejection_sampler", "kvloom.structured_output")),
+    ("engine", ("kvloom.engine", "kvloom.spec_decode.building",
+                "kvloom.structured_output.compiler")),
+    ("entrypoints", ("kvloom.entrypoints", "kvloom.structured_output.openai_formats",
+                     "kvloom.testing")),
+    ("plugins", ("kvloom.plugins",)),
+]
+# What a plugin may import from the core: its API, and the conformance suite's helpers.
+PLUGIN_API_LAYERS = {"foundation"}
+PLUGIN_API_EXTRAS = ("kvloom.testing",)
 
-def core_modules() -> dict[str, Path]:
-    """Every module under core/, by its import name (core/ is imported as ``kvloom``)."""
+
+def package_modules() -> dict[str, Path]:
+    """Every module of the package, by its import name."""
     modules = {}
-    for path in sorted(CORE_DIR.rglob("*.py")):
-        parts = list(path.relative_to(CORE_DIR).with_suffix("").parts)
+    for path in sorted(PACKAGE_DIR.rglob("*.py")):
+        parts = list(path.relative_to(PACKAGE_DIR).with_suffix("").parts)
         if parts[-1] == "__init__":
             parts = parts[:-1]
         modules[".".join(["kvloom", *parts])] = path
     return modules
 
 
-def _is_forbidden(module_name: str) -> bool:
-    return module_name == FORBIDDEN_PACKAGE or module_name.startswith(FORBIDDEN_PACKAGE + ".")
+def core_modules() -> dict[str, Path]:
+    """Every module outside kvloom.plugins."""
+    return {name: path for name, path in package_modules().items() if not _is_forbidden(name)}
 
 
-def forbidden_imports(source: str, module_name: str, is_package: bool) -> list[str]:
-    """Imports of kvloom.plugins in ``source``, however they are spelled."""
+def layer_of(module_name: str) -> str:
+    matches = [(len(prefix), layer) for layer, prefixes in LAYERS for prefix in prefixes
+               if module_name == prefix or module_name.startswith(prefix + ".")]
+    assert matches, f"{module_name} is in no layer: add it to LAYERS"
+    return max(matches)[1]
+
+
+LAYER_RANK = {layer: rank for rank, (layer, _) in enumerate(LAYERS)}
+
+
+def kvloom_imports(source: str, module_name: str, is_package: bool,
+                   known: set[str] | None = None) -> list[str]:
+    """The kvloom modules ``source`` imports, however they are spelled (at the top,
+    inside functions, relative, through importlib). With ``known``, ``from a import b``
+    names module ``a.b`` when that is a module, else ``a``."""
     package = module_name if is_package else module_name.rpartition(".")[0]
     found = []
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
-            found += [alias.name for alias in node.names if _is_forbidden(alias.name)]
+            found += [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:  # relative: resolve against this module's package
                 anchor = package.split(".")
                 anchor = anchor[:len(anchor) - (node.level - 1)]
                 base = ".".join(anchor + ([node.module] if node.module else []))
-            targets = [base] + [f"{base}.{alias.name}" for alias in node.names]
-            found += [t for t in targets if _is_forbidden(t)][:1]
+            for alias in node.names:
+                child = f"{base}.{alias.name}"
+                found.append(child if known is None or child in known else base)
         elif isinstance(node, ast.Call):
             func = node.func
             name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
             if name in ("import_module", "__import__") and node.args:
                 arg = node.args[0]
-                if isinstance(arg, ast.Constant) and isinstance(arg.value, str) \
-                        and _is_forbidden(arg.value):
+                if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
                     found.append(arg.value)
-    return found
+    return [name for name in found if name == "kvloom" or name.startswith("kvloom.")]
+
+
+def forbidden_imports(source: str, module_name: str, is_package: bool) -> list[str]:
+    """Imports of kvloom.plugins in ``source``."""
+    return [name for name in kvloom_imports(source, module_name, is_package)
+            if _is_forbidden(name)][:1]
+
+
+def _is_forbidden(module_name: str) -> bool:
+    return module_name == FORBIDDEN_PACKAGE or module_name.startswith(FORBIDDEN_PACKAGE + ".")
 
 
 @pytest.mark.parametrize("source, module_name, is_package", [
@@ -86,12 +134,67 @@ def test_import_scanner_allows_core_imports(source):
 def test_core_source_never_imports_plugins():
     modules = core_modules()
     assert "kvloom.engine.engine" in modules and "kvloom.hookspecs" in modules
+    assert not any(_is_forbidden(name) for name in modules)
     offenders = {}
     for name, path in modules.items():
         hits = forbidden_imports(path.read_text(), name, path.name == "__init__.py")
         if hits:
-            offenders[str(path.relative_to(CORE_DIR))] = hits
-    assert offenders == {}, f"core/ must not import kvloom.plugins: {offenders}"
+            offenders[str(path.relative_to(PACKAGE_DIR))] = hits
+    assert offenders == {}, f"the core must not import kvloom.plugins: {offenders}"
+
+
+def upward_imports(modules: dict[str, Path]) -> dict[str, list[str]]:
+    """For each module that imports one from a layer above its own, those imports."""
+    known = set(modules)
+    offenders = {}
+    for name, path in modules.items():
+        rank = LAYER_RANK[layer_of(name)]
+        hits = [target for target in kvloom_imports(path.read_text(), name,
+                                                    path.name == "__init__.py", known)
+                if LAYER_RANK[layer_of(target)] > rank]
+        if hits:
+            offenders[name] = sorted(set(hits))
+    return offenders
+
+
+def test_layer_lookup_uses_the_longest_prefix():
+    assert layer_of("kvloom.spec_decode.scheduling") == "scheduling"
+    assert layer_of("kvloom.spec_decode.decoder") == "execution"
+    assert layer_of("kvloom.structured_output.compiler") == "engine"
+    assert layer_of("kvloom") == "foundation"
+
+
+def test_upward_import_is_caught(tmp_path):
+    low = tmp_path / "scheduler.py"
+    low.write_text("def f():\n    from kvloom.worker import model_runner\n")
+    assert upward_imports({"kvloom.scheduler.x": low}) == {
+        "kvloom.scheduler.x": ["kvloom.worker"]}
+    low.write_text("from kvloom.request import Request\n")
+    assert upward_imports({"kvloom.scheduler.x": low}) == {}
+
+
+def test_no_module_imports_one_from_a_layer_above():
+    modules = package_modules()
+    assert upward_imports(modules) == {}
+
+
+def test_plugins_use_only_the_plugin_api():
+    """A plugin sees the core through hookspecs, interfaces, config and the other
+    foundation modules (and kvloom.testing's helpers): never scheduler or worker
+    internals, which may change without a PLUGIN_API_VERSION bump."""
+    modules = package_modules()
+    known = set(modules)
+    offenders = {}
+    for name, path in modules.items():
+        if not _is_forbidden(name):
+            continue
+        hits = [target for target in kvloom_imports(path.read_text(), name,
+                                                    path.name == "__init__.py", known)
+                if not _is_forbidden(target) and layer_of(target) not in PLUGIN_API_LAYERS
+                and not target.startswith(PLUGIN_API_EXTRAS)]
+        if hits:
+            offenders[name] = sorted(set(hits))
+    assert offenders == {}
 
 
 def _run_python(code: str) -> str:

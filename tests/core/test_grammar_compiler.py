@@ -20,7 +20,7 @@ import torch
 
 from kvloom import LLM, Engine, SamplingParams, StructuredOutputsParams, hookimpl
 from kvloom import make_plugin_manager
-from kvloom.engine.grammar_compiler import NUM_COMPILE_THREADS, GrammarCompiler
+from kvloom.structured_output.compiler import NUM_COMPILE_THREADS, GrammarCompiler
 from kvloom.interfaces.structured_output import Grammar, StructuredOutputBackend
 from engine_steps import run_until_finished
 

@@ -15,7 +15,7 @@ from kvloom.kv_cache.block_hash import extend_block_hashes, hash_block, root_has
 from kvloom.kv_cache.block_pool import BlockPool
 from kvloom.kv_cache.kv_cache_manager import KVCacheManager, PrefixHit
 from kvloom.sampling_params import SamplingParams
-from kvloom.scheduler.request import Request
+from kvloom.request import Request
 
 BLOCK_SIZE = 4
 ENGINE_SALT = b"engine-salt-for-tests"

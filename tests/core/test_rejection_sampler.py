@@ -1,4 +1,4 @@
-"""Tests for speculative-decoding verification (kvloom.worker.rejection_sampler).
+"""Tests for speculative-decoding verification (kvloom.spec_decode.rejection_sampler).
 
 Statistical tests run under a fixed seed, so they are deterministic; their threshold
 (the 0.999 quantile of chi-square) is loose enough that a correct sampler would almost
@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvloom.worker.rejection_sampler import RejectionOutput, rejection_sample
+from kvloom.spec_decode.rejection_sampler import RejectionOutput, rejection_sample
 
 try:
     from scipy import stats

@@ -18,10 +18,10 @@ import pytest
 
 from kvloom.kv_cache.kv_cache_manager import KVCacheManager
 from kvloom.sampling_params import SamplingParams
-from kvloom.scheduler.output import EngineCoreOutput, ScheduledRequest, SchedulerOutput
-from kvloom.scheduler.request import Request, RequestStatus
+from kvloom.step.scheduler_output import EngineCoreOutput, ScheduledRequest, SchedulerOutput
+from kvloom.request import Request, RequestStatus
 from kvloom.scheduler.scheduler import Scheduler, SchedulerLimits
-from kvloom.worker.runner_output import ModelRunnerOutput
+from kvloom.step.runner_output import ModelRunnerOutput
 
 BLOCK_SIZE = 4
 EOS = 2

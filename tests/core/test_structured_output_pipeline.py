@@ -14,7 +14,7 @@ pytest.importorskip("xgrammar")
 from kvloom import Engine, SamplingParams, StructuredOutputsParams, hookimpl  # noqa: E402
 from kvloom import make_plugin_manager  # noqa: E402
 from kvloom.failures import RequestFailedError  # noqa: E402
-from kvloom.worker.grammar_mask import GrammarMasks, TrackedGrammar  # noqa: E402
+from kvloom.structured_output.grammar_mask import GrammarMasks, TrackedGrammar  # noqa: E402
 from engine_steps import run_until_finished  # noqa: E402
 
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["n", "tag"],

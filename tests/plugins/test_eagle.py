@@ -22,8 +22,8 @@ from kvloom.interfaces.attention import AttentionInputs
 from kvloom.interfaces.drafter import DraftInputs, DrafterContext, TargetStep
 from kvloom.interfaces.model import ModelContext
 from kvloom.plugins.attention.torch_reference import TorchReferenceBackend
-from kvloom.plugins.drafters import eagle
-from kvloom.plugins.drafters.eagle_model import Eagle1Head, Eagle3Head
+from kvloom.plugins.spec_decode import eagle
+from kvloom.plugins.spec_decode.eagle_model import Eagle1Head, Eagle3Head
 from kvloom.plugins.loaders.safetensors_loader import load_checkpoint_dir
 from kvloom.plugins.models.qwen2 import Qwen2ForCausalLM
 from kvloom.testing.checkpoints import TinyEagleSpec, TinyQwen2Spec, make_eagle_checkpoint

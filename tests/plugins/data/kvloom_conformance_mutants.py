@@ -7,7 +7,7 @@ import torch
 
 from kvloom import hookimpl
 from kvloom.plugins.attention.torch_reference import TorchReferenceAttention, TorchReferenceBackend
-from kvloom.plugins.drafters.ngram import NgramDrafter
+from kvloom.plugins.spec_decode.ngram import NgramDrafter
 from kvloom.plugins.models.qwen2 import Qwen2ForCausalLM
 from kvloom.plugins.platforms.cpu import CpuPlatform
 from kvloom.plugins.samplers.default import DefaultSampler

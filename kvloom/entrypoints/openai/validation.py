@@ -1,0 +1,110 @@
+"""Request checks that turn bad input into a 400 naming the field before the engine
+sees it, and the mapping of request fields onto SamplingParams.
+
+The checks themselves live where the offline API runs them too (SamplingParams,
+StructuredOutputsParams, the engine's InputProcessor); this module calls them and
+maps their ValueErrors to 400s, keeping only the HTTP-shaped checks of its own."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kvloom.engine.input_processor import ContextLengthError, InputProcessor, check_cache_salt
+from kvloom.entrypoints.openai import protocol as p
+from kvloom.entrypoints.openai.errors import APIError, param_of_value_error
+from kvloom.entrypoints.openai.state import ServerState
+from kvloom.structured_output.openai_formats import structured_outputs_from_request
+from kvloom.sampling_params import RequestOutputKind, SamplingParams
+
+
+def check_model(state: ServerState, model: str | None) -> None:
+    if state.draining:
+        raise APIError(503, "the server is shutting down", err_type="unavailable",
+                       headers={"Retry-After": "1"})
+    if model is not None and model != state.model_name:
+        raise APIError(404, f"the model {model[:100]!r} does not exist", param="model",
+                       code="model_not_found")
+
+
+def require_tokenizer(state: ServerState) -> Any:
+    if state.tokenizer is None:
+        raise APIError(400, "the server runs without a tokenizer (skip_tokenizer_init)")
+    return state.tokenizer
+
+
+def input_processor(state: ServerState) -> InputProcessor:
+    """The engine's input processor: the checks the offline API runs, shared."""
+    return state.engine.engine.input_processor
+
+
+def check_vocab(state: ServerState, token_ids: list[int], param: str) -> None:
+    try:
+        input_processor(state).check_token_ids(token_ids, name=param)
+    except ValueError as exc:
+        raise APIError(400, str(exc), param=param) from None
+
+
+def check_prompt_text(state: ServerState, num_chars: int, param: str) -> None:
+    """Refuse a prompt text that cannot fit the context before tokenizing it."""
+    try:
+        input_processor(state).check_text_length(num_chars)
+    except ValueError as exc:
+        raise _named_error(exc, {"prompt": param}) from None
+
+
+def request_cache_salt(body: p.SamplingFields) -> str | None:
+    try:
+        return check_cache_salt(body.cache_salt)
+    except ValueError as exc:
+        raise APIError(400, str(exc), param="cache_salt") from None
+
+
+def check_stream_fields(body: p.SamplingFields) -> None:
+    if body.stream_options is not None and not body.stream:
+        raise APIError(400, "stream_options is only allowed when stream is true",
+                       param="stream_options")
+
+
+def sampling_params(body: p.SamplingFields, max_tokens: int | None,
+                    logprobs: int | None) -> SamplingParams:
+    values = {name: getattr(body, name) for name in (
+        "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+        "repetition_penalty") if getattr(body, name) is not None}
+    structured_outputs = structured_outputs_from_request(body)
+    try:
+        params = SamplingParams(
+            n=body.n, max_tokens=max_tokens, seed=body.seed, stop=body.stop,
+            stop_token_ids=body.stop_token_ids, ignore_eos=body.ignore_eos,
+            min_tokens=body.min_tokens, logprobs=logprobs,
+            skip_special_tokens=body.skip_special_tokens,
+            include_stop_str_in_output=body.include_stop_str_in_output,
+            output_kind=RequestOutputKind.DELTA, structured_outputs=structured_outputs,
+            **values)
+    except ValueError as exc:
+        raise APIError(400, str(exc), param=param_of_value_error(str(exc))) from None
+    if params.n > 1 and params.is_greedy:
+        raise APIError(400, "n > 1 needs sampling (temperature > 0): greedy samples would "
+                            "all be identical", param="n")
+    return params
+
+
+def check_length(state: ServerState, num_prompt: int, params: SamplingParams,
+                 prompt_param: str, max_tokens_param: str) -> None:
+    """The engine's length checks, strict: a max_tokens past the context is a 400
+    (offline it is clamped), named as the request named it."""
+    try:
+        input_processor(state).check_length(num_prompt, params, clamp=False)
+    except ValueError as exc:
+        raise _named_error(exc, {"prompt": prompt_param, "max_tokens": max_tokens_param}) from None
+
+
+def _named_error(exc: ValueError, names: dict[str, str]) -> APIError:
+    """A 400 for a shared check's ValueError, its leading field renamed to the request's
+    name for it (``prompt`` -> ``messages``, ``max_tokens`` -> ``max_completion_tokens``)."""
+    message = str(exc)
+    first, _, rest = message.partition(" ")
+    if first in names:
+        message = f"{names[first]} {rest}"
+    param = names.get(first) or param_of_value_error(message, names["prompt"])
+    code = exc.code if isinstance(exc, ContextLengthError) else None
+    return APIError(400, message, param=param, code=code)
