@@ -18,6 +18,7 @@ from kvloom.interfaces.platform import Platform
 from kvloom.kv_cache.kv_cache_manager import KVCacheManager
 from kvloom.model_source import resolve_model
 from kvloom.registry import PluginSelectionError, Registries
+from kvloom.scheduler.policy import make_scheduling_policy
 from kvloom.scheduler.scheduler import Scheduler, SchedulerLimits
 from kvloom.spec_decode.building import build_drafter
 from kvloom.structured_output.compiler import GrammarCompiler, make_structured_output_backend
@@ -101,7 +102,8 @@ def build_engine(config: EngineConfig, registries: Registries) -> EngineComponen
 
     kv_cache_manager = KVCacheManager(num_blocks, config.cache.block_size,
                                       config.cache.enable_prefix_caching)
-    scheduler = Scheduler(limits, kv_cache_manager)
+    scheduler = Scheduler(limits, kv_cache_manager,
+                          make_scheduling_policy(config.scheduler.policy))
     return EngineComponents(platform, attention_name, tokenizer, hf_config, dtype, max_model_len,
                             eos_token_ids(config, hf_config, tokenizer), scheduler, runner,
                             kv_cache_manager, grammar_compiler, drafter)
@@ -244,8 +246,7 @@ def resolve_scheduler_limits(config: EngineConfig, max_model_len: int,
     num_drafts = config.speculative.num_speculative_tokens if drafter is not None else 0
     lookahead = num_drafts if drafter is not None and drafter.uses_target_hidden_states else 0
     return SchedulerLimits(scheduler.max_num_seqs, budget, max_model_len,
-                           scheduler.enable_chunked_prefill, scheduler.policy,
-                           num_drafts, lookahead)
+                           scheduler.enable_chunked_prefill, num_drafts, lookahead)
 
 
 def resolve_num_blocks(config: EngineConfig, platform: Platform, spec: AttentionSpec,

@@ -1,25 +1,38 @@
 """Per-request block tables on top of the block pool, with prefix caching.
 
 The scheduler only asks questions (is there a prefix hit? can these tokens get
-slots?) and receives block ids; it never touches the pool itself.
+slots?) and receives opaque answers: a PrefixHit it can read a token count from
+and hand back, and block ids for the runner. The pool and its blocks never leave
+this package, so the pool can change (e.g. per-layer-group pools) without the
+scheduler noticing.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from kvloom.kv_cache.block_hash import extend_block_hashes, root_hash
 from kvloom.kv_cache.block_pool import BlockPool, KVBlock
 from kvloom.request import Request
 
 
-@dataclass(slots=True)
 class PrefixHit:
-    """Cached blocks that cover a waiting request's leading tokens."""
+    """Cached blocks that cover a waiting request's leading tokens.
 
-    blocks: list[KVBlock] = field(default_factory=list)
-    num_tokens: int = 0
+    Opaque outside kv_cache/: callers read ``num_tokens`` (and ``block_ids``, for
+    logs and tests) and pass the hit back to ``allocate_slots``.
+    """
+
+    __slots__ = ("_blocks", "num_tokens")
+
+    def __init__(self, blocks: list[KVBlock] | None = None, block_size: int = 0) -> None:
+        self._blocks = blocks or []
+        self.num_tokens = len(self._blocks) * block_size
+
+    @property
+    def block_ids(self) -> list[int]:
+        return [block.block_id for block in self._blocks]
 
 
 @dataclass(slots=True)
@@ -80,7 +93,7 @@ class KVCacheManager:
             if block is None:
                 break
             blocks.append(block)
-        return PrefixHit(blocks, len(blocks) * self.block_size)
+        return PrefixHit(blocks, self.block_size)
 
     def allocate_slots(self, request: Request, num_new_tokens: int,
                        prefix_hit: PrefixHit | None = None,
@@ -104,16 +117,17 @@ class KVCacheManager:
                 return block_ids
         blocks = self.request_to_blocks.get(request.request_id, [])
         hit = prefix_hit or PrefixHit()
+        hit_blocks = hit._blocks  # this module's own type: its blocks are ours to read
         num_total_tokens = request.num_computed_tokens + hit.num_tokens + num_new_tokens
         num_slots = num_total_tokens + num_lookahead_tokens
-        num_blocks_needed = -(-num_slots // self.block_size) - len(blocks) - len(hit.blocks)
-        num_hit_blocks_now_free = sum(1 for block in hit.blocks if block.ref_count == 0)
+        num_blocks_needed = -(-num_slots // self.block_size) - len(blocks) - len(hit_blocks)
+        num_hit_blocks_now_free = sum(1 for block in hit_blocks if block.ref_count == 0)
         if max(num_blocks_needed, 0) + num_hit_blocks_now_free > self.pool.num_free_blocks:
             return None
 
         self.request_to_blocks[request.request_id] = blocks
-        self.pool.touch(hit.blocks)
-        blocks.extend(hit.blocks)
+        self.pool.touch(hit_blocks)
+        blocks.extend(hit_blocks)
         if num_blocks_needed > 0:
             blocks.extend(self.pool.allocate(num_blocks_needed))
         if prefix_hit is not None:
@@ -136,6 +150,33 @@ class KVCacheManager:
             if block.ref_count == 1:
                 self.pool.uncache_block(block)
         self.pool.release(blocks[::-1])
+
+    def num_cached_blocks(self) -> int:
+        """Blocks a later request could find by prefix hash."""
+        return len(self.pool.hash_to_block)
+
+    def consistency_problems(self) -> list[str]:
+        """What is wrong with the books, if anything (empty when consistent): each
+        block's reference count equals the block tables holding it, exactly the
+        unreferenced blocks are free, and each cached hash names its block."""
+        references = {block.block_id: 0 for block in self.pool.blocks}
+        for blocks in self.request_to_blocks.values():
+            for block in blocks:
+                references[block.block_id] += 1
+        problems = [f"block {block.block_id} has ref_count {block.ref_count} but "
+                    f"{references[block.block_id]} block tables hold it"
+                    for block in self.pool.blocks if block.ref_count != references[block.block_id]]
+        unreferenced = {block_id for block_id, count in references.items() if count == 0}
+        if set(self.pool.free_queue) != unreferenced:
+            problems.append(f"free blocks {sorted(self.pool.free_queue)} are not the "
+                            f"unreferenced blocks {sorted(unreferenced)}")
+        problems += [f"hash {block_hash.hex()[:12]} names block {block.block_id}, whose hash "
+                     "differs" for block_hash, block in self.pool.hash_to_block.items()
+                     if block.block_hash != block_hash]
+        for request_id, blocks in self.request_to_blocks.items():
+            if self.request_to_block_ids.get(request_id) != [b.block_id for b in blocks]:
+                problems.append(f"request {request_id}'s block ids differ from its blocks")
+        return problems
 
     def reset(self) -> None:
         """Every block free and no prefix cached, whatever requests held (after a failed

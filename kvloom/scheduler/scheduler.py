@@ -4,8 +4,9 @@ Every request is a list of known tokens and a count of those already in the KV
 cache; a step gives each running request its uncomputed tokens (one for a
 decode, a chunk for a prefill) under a token budget, then admits waiting
 requests while budget, sequence slots and KV blocks last. When a running
-request cannot get a block, the lowest-priority running request is preempted:
-its blocks are freed and it later recomputes its prompt and output so far.
+request cannot get a block, the scheduling policy picks a running request to
+preempt: its blocks are freed and it later recomputes its prompt and output so
+far. The policy (scheduler/policy.py) also orders the waiting queue.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from kvloom.step.scheduler_output import (PLACEHOLDER_TOKEN_ID, EngineCoreOutput
                                      SchedulerOutput)
 from kvloom.request import Request, RequestStatus
 from kvloom.spec_decode.scheduling import SpecDecodeStats, max_num_drafts
-from kvloom.scheduler.waiting_queue import make_waiting_queue
+from kvloom.scheduler.policy import FirstComeFirstServed, SchedulingPolicy
 from kvloom.step.runner_output import ModelRunnerOutput
 
 logger = logging.getLogger(__name__)
@@ -33,7 +34,6 @@ class SchedulerLimits:
     max_num_batched_tokens: int
     max_model_len: int
     enable_chunked_prefill: bool
-    policy: str = "fcfs"
     # Speculative decoding: drafts per request, and KV slots reserved past them
     # for a model-based drafter's own positions.
     num_speculative_tokens: int = 0
@@ -43,10 +43,12 @@ class SchedulerLimits:
 class Scheduler:
     """Decides which tokens of which requests run in each step."""
 
-    def __init__(self, limits: SchedulerLimits, kv_cache_manager: KVCacheManager) -> None:
+    def __init__(self, limits: SchedulerLimits, kv_cache_manager: KVCacheManager,
+                 policy: SchedulingPolicy | None = None) -> None:
         self.limits = limits
         self.kv_cache_manager = kv_cache_manager
-        self.waiting = make_waiting_queue(limits.policy)
+        self.policy = policy if policy is not None else FirstComeFirstServed()
+        self.waiting = self.policy.make_waiting_queue()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.finished_request_ids: set[str] = set()
@@ -84,7 +86,7 @@ class Scheduler:
         self.finished_request_ids |= set(self.requests)
         self.requests = {}
         self.running = []
-        self.waiting = make_waiting_queue(self.limits.policy)
+        self.waiting = self.policy.make_waiting_queue()
         self.kv_cache_manager.reset()
 
     def needs_every_token_on_host(self) -> bool:
@@ -126,7 +128,7 @@ class Scheduler:
                 continue
             block_ids = self._allocate(request, num_new)
             while block_ids is None:
-                victim = self._pick_victim()
+                victim = self.policy.pick_preemption_victim(self.running)
                 victim_index = self.running.index(victim)
                 budget += self._preempt(victim, scheduled)
                 num_preempted += 1
@@ -182,11 +184,6 @@ class Scheduler:
             return False
         return (request.num_output_tokens + request.num_output_placeholders >= request.max_tokens
                 or request.num_tokens_with_placeholders >= self.limits.max_model_len)
-
-    def _pick_victim(self) -> Request:
-        if self.limits.policy == "priority":
-            return max(self.running, key=lambda r: (r.priority, r.arrival_time))
-        return self.running[-1]
 
     def _preempt(self, request: Request, scheduled: dict[str, ScheduledRequest]) -> int:
         """Preempt a running request; returns the budget it gives back."""

@@ -1,13 +1,32 @@
-"""The waiting queue: first come first served, or by (priority, arrival)."""
+"""Waiting queues: first come first served, or by (priority, arrival)."""
 
 from __future__ import annotations
 
 import heapq
 import itertools
 from collections import deque
-from typing import Iterator
+from typing import Iterator, Protocol
 
 from kvloom.request import Request
+
+
+class WaitingQueue(Protocol):
+    """Requests waiting to be admitted, in the order a policy admits them."""
+
+    def add(self, request: Request) -> None: ...
+
+    def add_preempted(self, request: Request) -> None:
+        """Queue a preempted request again (ahead of later arrivals)."""
+
+    def peek(self) -> Request: ...
+
+    def pop(self) -> Request: ...
+
+    def remove(self, request: Request) -> None: ...
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[Request]: ...
 
 
 class FCFSQueue:
@@ -66,7 +85,3 @@ class PriorityQueue:
 
     def __iter__(self) -> Iterator[Request]:
         return (entry[3] for entry in sorted(self._heap))
-
-
-def make_waiting_queue(policy: str) -> FCFSQueue | PriorityQueue:
-    return PriorityQueue() if policy == "priority" else FCFSQueue()

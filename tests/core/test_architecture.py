@@ -178,6 +178,18 @@ def test_no_module_imports_one_from_a_layer_above():
     assert upward_imports(modules) == {}
 
 
+def test_block_pool_stays_inside_kv_cache():
+    """The scheduler gets opaque answers from the KV cache manager; the pool and its
+    blocks are kv_cache/'s own, so nothing outside it may import them."""
+    modules = package_modules()
+    known = set(modules)
+    offenders = {name: "kvloom.kv_cache.block_pool" for name, path in modules.items()
+                 if not name.startswith("kvloom.kv_cache")
+                 and "kvloom.kv_cache.block_pool" in kvloom_imports(
+                     path.read_text(), name, path.name == "__init__.py", known)}
+    assert offenders == {}
+
+
 def test_plugins_use_only_the_plugin_api():
     """A plugin sees the core through hookspecs, interfaces, config and the other
     foundation modules (and kvloom.testing's helpers): never scheduler or worker

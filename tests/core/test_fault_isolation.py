@@ -162,7 +162,7 @@ def test_a_failed_model_step_fails_the_batch_and_the_engine_recovers(tiny_qwen2)
         llm.generate(prompts, greedy())
     assert_engine_idle(llm)
     # Blocks the failed step may have half-written are no prefix-cache hits.
-    assert llm.engine.components.kv_cache_manager.pool.hash_to_block == {}
+    assert llm.engine.components.kv_cache_manager.num_cached_blocks() == 0
     again = llm.generate(prompts, greedy())
     assert token_ids(again) == expected
     assert [o.num_cached_tokens for o in again] == [0, 0, 0]

@@ -56,15 +56,7 @@ def admit(manager: KVCacheManager, request: Request) -> list[int]:
 
 def assert_pool_consistent(manager: KVCacheManager) -> None:
     """Ref counts equal the block tables' references; free queue holds exactly the unreferenced."""
-    pool = manager.pool
-    references = {block.block_id: 0 for block in pool.blocks}
-    for blocks in manager.request_to_blocks.values():
-        for block in blocks:
-            references[block.block_id] += 1
-    assert {b.block_id: b.ref_count for b in pool.blocks} == references
-    assert set(pool.free_queue) == {b for b, count in references.items() if count == 0}
-    for block_hash, block in pool.hash_to_block.items():
-        assert block.block_hash == block_hash
+    assert manager.consistency_problems() == []
 
 
 def assert_all_free(manager: KVCacheManager) -> None:
@@ -187,7 +179,7 @@ def test_manager_releases_a_requests_blocks_tail_first():
     assert other_blocks == [block_ids[3], block_ids[2]]
     again = make_request("c", tokens(9))
     hit = manager.find_prefix_hit(again)
-    assert [b.block_id for b in hit.blocks] == block_ids[:2]
+    assert hit.block_ids == block_ids[:2]
     manager.free(other)
     assert_all_free(manager)
 
@@ -272,16 +264,16 @@ def test_prefix_hit_is_longest_cached_prefix_and_leaves_a_token_to_compute():
 
     diverging = make_request("b", tokens(8) + [7, 7, 7, 7, 7])
     hit = manager.find_prefix_hit(diverging)
-    assert hit.num_tokens == 8 and [b.block_id for b in hit.blocks] == owner_blocks[:2]
+    assert hit.num_tokens == 8 and hit.block_ids == owner_blocks[:2]
 
     # The whole prompt is cached, yet the last token must still run for its logits.
     same = make_request("c", tokens(12))
     hit = manager.find_prefix_hit(same)
-    assert hit.num_tokens == 8 and len(hit.blocks) == 2
+    assert hit.num_tokens == 8 and len(hit.block_ids) == 2
 
     longer = make_request("d", tokens(13))
     hit = manager.find_prefix_hit(longer)
-    assert hit.num_tokens == 12 and [b.block_id for b in hit.blocks] == owner_blocks
+    assert hit.num_tokens == 12 and hit.block_ids == owner_blocks
 
     tiny = make_request("e", tokens(4))
     assert manager.find_prefix_hit(tiny).num_tokens == 0
@@ -298,7 +290,7 @@ def test_prefix_hit_stops_at_the_first_missing_block():
     manager.pool.uncache_block(manager.request_to_blocks["owner"][1])
     # Blocks 0 and 2 are still cached, but a hit must be a contiguous prefix.
     hit = manager.find_prefix_hit(make_request("b", tokens(13)))
-    assert [b.block_id for b in hit.blocks] == owner_blocks[:1] and hit.num_tokens == 4
+    assert hit.block_ids == owner_blocks[:1] and hit.num_tokens == 4
     manager.free(owner)
     assert_all_free(manager)
 
@@ -411,7 +403,7 @@ def test_allocate_slots_counts_free_hit_blocks_against_the_free_pool():
 
     reader = make_request("reader", tokens(8) + tokens(5, start=700))  # 13 tokens: 4 blocks
     hit = manager.find_prefix_hit(reader)
-    assert hit.num_tokens == 8 and all(b.ref_count == 0 for b in hit.blocks)
+    assert hit.num_tokens == 8 and all(manager.pool.blocks[i].ref_count == 0 for i in hit.block_ids)
     # Two new blocks would fit the three free ones, but the hit's two free blocks
     # are themselves taken from the free pool: 4 > 3.
     before = snapshot(manager)

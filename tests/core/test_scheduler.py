@@ -12,16 +12,20 @@ request whose ScheduledRequest has ``sample=True``.
 from __future__ import annotations
 
 import random
+import typing
 from typing import Callable
 
 import pytest
 
+from kvloom.config import SchedulerConfig
 from kvloom.kv_cache.kv_cache_manager import KVCacheManager
-from kvloom.sampling_params import SamplingParams
-from kvloom.step.scheduler_output import EngineCoreOutput, ScheduledRequest, SchedulerOutput
 from kvloom.request import Request, RequestStatus
+from kvloom.sampling_params import SamplingParams
+from kvloom.scheduler.policy import SCHEDULING_POLICIES, SchedulingPolicy, make_scheduling_policy
 from kvloom.scheduler.scheduler import Scheduler, SchedulerLimits
+from kvloom.scheduler.waiting_queue import FCFSQueue
 from kvloom.step.runner_output import ModelRunnerOutput
+from kvloom.step.scheduler_output import EngineCoreOutput, ScheduledRequest, SchedulerOutput
 
 BLOCK_SIZE = 4
 EOS = 2
@@ -46,11 +50,13 @@ class Harness:
 
     def __init__(self, *, num_blocks: int = 64, max_num_seqs: int = 16,
                  max_num_batched_tokens: int = 64, max_model_len: int = 1024,
-                 chunked: bool = True, policy: str = "fcfs", caching: bool = True) -> None:
+                 chunked: bool = True, policy: str | SchedulingPolicy = "fcfs",
+                 caching: bool = True) -> None:
         self.kv = KVCacheManager(num_blocks, BLOCK_SIZE, caching, engine_salt=b"tests")
         self.limits = SchedulerLimits(max_num_seqs, max_num_batched_tokens, max_model_len,
-                                      chunked, policy)
-        self.scheduler = Scheduler(self.limits, self.kv)
+                                      chunked)
+        scheduling_policy = make_scheduling_policy(policy) if isinstance(policy, str) else policy
+        self.scheduler = Scheduler(self.limits, self.kv, scheduling_policy)
         self.slots: dict[tuple[int, int], int] = {}
         self.sample: Callable[[ScheduledRequest], int] = lambda item: SAMPLED
         self.outputs: dict[str, list[EngineCoreOutput]] = {}
@@ -115,13 +121,7 @@ class Harness:
             assert read == known[:end], f"{item.request_id} reads KV it did not write"
 
     def check_pool(self) -> None:
-        pool = self.kv.pool
-        references = {block.block_id: 0 for block in pool.blocks}
-        for blocks in self.kv.request_to_blocks.values():
-            for block in blocks:
-                references[block.block_id] += 1
-        assert {block.block_id: block.ref_count for block in pool.blocks} == references
-        assert set(pool.free_queue) == {b for b, count in references.items() if count == 0}
+        assert self.kv.consistency_problems() == []
         live = {r.request_id for r in self.scheduler.running}
         assert set(self.kv.request_to_blocks) == live
         for request in self.scheduler.waiting:
@@ -399,6 +399,58 @@ def test_preempting_a_request_scheduled_earlier_in_the_step_uncaches_its_new_blo
     h.run()
     assert h.output_ids("low") == [SAMPLED] * 6 and h.output_ids("high") == [SAMPLED] * 3
     h.assert_all_blocks_free()
+
+
+class NewestFirstOldestGivesWay(SchedulingPolicy):
+    """A policy no built-in has: admits the newest arrival first, preempts the oldest."""
+
+    name = "newest-first"
+
+    def make_waiting_queue(self):
+        class Stack(FCFSQueue):
+            def peek(self):
+                return self._queue[-1]
+
+            def pop(self):
+                return self._queue.pop()
+
+        return Stack()
+
+    def pick_preemption_victim(self, running):
+        return running[0]
+
+
+def test_a_policy_object_decides_admission_order_and_victim():
+    h = Harness(max_num_seqs=1, policy=NewestFirstOldestGivesWay())
+    h.add(*(make_request(f"r{i}", tokens(3, start=100 * i), max_tokens=1) for i in range(3)))
+    order = []
+    while h.scheduler.has_unfinished_requests():
+        out, _ = h.step()
+        order += scheduled_ids(out)
+    assert order == ["r2", "r1", "r0"]
+
+    # Two 7-token prompts fill 4 of 5 blocks; the first to need a third block
+    # preempts, and this policy's victim is the oldest running request.
+    h = Harness(num_blocks=5, policy=NewestFirstOldestGivesWay())
+    h.add(make_request("old", tokens(7), max_tokens=6))
+    h.step()
+    h.add(make_request("new", tokens(7, start=200), max_tokens=6))
+    num_preempted = 0
+    while not num_preempted:
+        out, _ = h.step()
+        num_preempted = out.num_preempted
+    assert num_preempted == 1
+    assert [r.request_id for r in h.scheduler.waiting] == ["old"]
+    assert [r.request_id for r in h.scheduler.running] == ["new"]
+    h.run()
+    h.assert_all_blocks_free()
+
+
+def test_config_choices_are_the_known_policies():
+    choices = set(typing.get_args(SchedulerConfig.model_fields["policy"].annotation))
+    assert choices == set(SCHEDULING_POLICIES)
+    with pytest.raises(ValueError, match=r"scheduler.policy: unknown .* known: fcfs, priority"):
+        make_scheduling_policy("lifo")
 
 
 # ---------------------------------------------------------------- stops
