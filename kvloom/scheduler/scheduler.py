@@ -19,7 +19,8 @@ from kvloom.kv_cache.kv_cache_manager import KVCacheManager, PrefixHit
 from kvloom.step.scheduler_output import (PLACEHOLDER_TOKEN_ID, EngineCoreOutput, ScheduledRequest,
                                      SchedulerOutput)
 from kvloom.request import Request, RequestStatus
-from kvloom.spec_decode.scheduling import SpecDecodeStats, max_num_drafts
+from kvloom.spec_decode.scheduling import (SpecDecodeStats, max_num_drafts,
+                                           take_back_rejected_drafts, take_scheduled_drafts)
 from kvloom.scheduler.policy import FirstComeFirstServed, SchedulingPolicy
 from kvloom.step.runner_output import ModelRunnerOutput
 
@@ -213,11 +214,8 @@ class Scheduler:
                 banned += list(request.eos_token_ids)
         end = start + num_new
         token_ids = request.all_token_ids[start:end]
-        drafts: list[int] = []
-        if request.draft_token_ids:
-            # Drafts follow the known tokens; a budget cut drops the last ones.
-            drafts = request.draft_token_ids[:max(0, end - request.num_tokens)]
-            request.draft_token_ids = []
+        drafts = take_scheduled_drafts(request, end)
+        if drafts:
             token_ids += drafts
         elif len(token_ids) < num_new:  # tokens the in-flight step is still sampling
             token_ids += [PLACEHOLDER_TOKEN_ID] * (num_new - len(token_ids))
@@ -278,7 +276,7 @@ class Scheduler:
         token_ids = runner_output.sampled_token_ids[row]
         request.num_output_placeholders -= 1
         if request.num_drafts_in_flight:
-            self._take_back_rejected_drafts(request, len(token_ids) - 1)
+            take_back_rejected_drafts(request, len(token_ids) - 1, self.spec_stats)
         status, token_ids = self._append_until_stop(request, token_ids)
         logprobs = runner_output.logprobs[row]
         if status is not None:
@@ -306,12 +304,6 @@ class Scheduler:
             self.waiting.remove(request)
         request.status = status
         self._free(request)
-
-    def _take_back_rejected_drafts(self, request: Request, num_accepted: int) -> None:
-        """The KV of rejected drafts is invalid: those positions get recomputed."""
-        num_drafted, request.num_drafts_in_flight = request.num_drafts_in_flight, 0
-        self.spec_stats.record(num_drafted, num_accepted)
-        request.num_computed_tokens -= num_drafted - num_accepted
 
     def _append_until_stop(self, request: Request,
                            token_ids: list[int]) -> tuple[RequestStatus | None, list[int]]:

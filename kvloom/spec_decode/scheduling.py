@@ -1,5 +1,6 @@
 """The scheduler's side of speculative decoding: how many drafts a request may
-get, and counts of drafted and accepted tokens."""
+get, which of them a step runs, taking back the rejected ones, and counts of
+drafted and accepted tokens."""
 
 from __future__ import annotations
 
@@ -57,3 +58,25 @@ def max_num_drafts(request: Request, num_speculative_tokens: int, max_model_len:
     room_in_output = request.max_tokens - request.num_output_tokens - 1
     room_in_sequence = max_model_len - request.num_tokens - 1
     return max(0, min(num_speculative_tokens, room_in_output, room_in_sequence))
+
+
+def take_scheduled_drafts(request: Request, end: int) -> list[int]:
+    """The request's drafts that run in a step scheduled up to position ``end``.
+
+    Drafts follow the known tokens, so a budget cut drops the last ones. The
+    request's drafts are used up either way: new ones come after this step.
+    """
+    if not request.draft_token_ids:
+        return []
+    drafts = request.draft_token_ids[:max(0, end - request.num_tokens)]
+    request.draft_token_ids = []
+    return drafts
+
+
+def take_back_rejected_drafts(request: Request, num_accepted: int,
+                              stats: SpecDecodeStats) -> None:
+    """Record a verified step; the KV of rejected drafts is invalid, so those
+    positions are computed again."""
+    num_drafted, request.num_drafts_in_flight = request.num_drafts_in_flight, 0
+    stats.record(num_drafted, num_accepted)
+    request.num_computed_tokens -= num_drafted - num_accepted

@@ -288,3 +288,13 @@ def test_every_hook_has_type_annotations():
         assert signature.parameters, name
         for param in signature.parameters.values():
             assert param.annotation is not inspect.Parameter.empty, f"{name}({param.name})"
+
+
+def test_engine_doc_draws_the_layers_of_this_table():
+    """docs/engine.md's diagram lists the layers top down, as LAYERS does bottom up."""
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "engine.md").read_text()
+    diagram = doc.split("## Layers", 1)[1].split("```", 2)[1]
+    names = [layer for layer, _ in LAYERS]
+    drawn = [name for line in diagram.splitlines() for name in names
+             if line.startswith(f" {name} ")]
+    assert drawn == names[::-1]
