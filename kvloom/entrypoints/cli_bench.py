@@ -33,22 +33,41 @@ def add_bench_parser(commands) -> None:
     bench = commands.add_parser("bench", help="benchmarks")
     kinds = bench.add_subparsers(dest="bench_kind", required=True)
     serve = kinds.add_parser("serve", help="load-test a running server")
-    serve.add_argument("--base-url", default="http://127.0.0.1:8000")
-    serve.add_argument("--model", required=True, help="served model name")
-    serve.add_argument("--api-key", default=None)
-    serve.add_argument("--num-prompts", type=int, default=100)
+    serve.add_argument("--base-url", default="http://127.0.0.1:8000",
+                       help="the server to load")
+    serve.add_argument("--model", required=True,
+                       help="served model name (the server's /v1/models lists it)")
+    serve.add_argument("--api-key", default=None,
+                       help="sent as 'Authorization: Bearer KEY' (default: none)")
+    serve.add_argument("--num-prompts", type=int, default=100, help="requests per rate")
     serve.add_argument("--request-rate", type=float, nargs="+", default=[float("inf")],
                        help="requests per second (inf: all at once); several give one row each")
-    serve.add_argument("--input-len", type=int, default=256)
-    serve.add_argument("--output-len", type=int, default=128)
-    serve.add_argument("--seed", type=int, default=0)
+    serve.add_argument("--input-len", type=int, default=256, help="prompt length in tokens")
+    serve.add_argument("--output-len", type=int, default=128,
+                       help="tokens generated per request (EOS is ignored)")
+    serve.add_argument("--seed", type=int, default=0,
+                       help="seed of the prompts and the arrival times")
     serve.add_argument("--max-token-id", type=int, default=10000,
                        help="prompts are random token ids below this (keep it under the vocabulary)")
-    serve.add_argument("--json", type=Path, default=None, help="also write results here")
+    serve.add_argument("--json", type=Path, default=None,
+                       help="also write results here (default: no file)")
     serve.set_defaults(handler=run_bench_serve)
 
 
+def check_bench_args(args: argparse.Namespace) -> None:
+    """ValueError for settings that would crash or measure nothing, before any request."""
+    for name in ("num_prompts", "input_len", "output_len", "max_token_id"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    if any(not rate > 0 for rate in args.request_rate):  # `not >` also catches nan
+        raise ValueError("--request-rate must be positive (inf: all at once)")
+    if not args.base_url.startswith(("http://", "https://")):
+        raise ValueError(f"--base-url must start with http:// or https://, got "
+                         f"{args.base_url!r}")
+
+
 def run_bench_serve(args: argparse.Namespace) -> int:
+    check_bench_args(args)
     rows = []
     for rate in args.request_rate:
         results, seconds = asyncio.run(run_load(args, rate))

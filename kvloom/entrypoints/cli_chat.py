@@ -14,22 +14,22 @@ from kvloom.entrypoints.cli_generate import (add_model_flags, add_sampling_flags
 def add_chat_parser(commands) -> None:
     parser = commands.add_parser("chat", help="chat with a model in the terminal")
     add_model_flags(parser)
-    parser.add_argument("--system", default=None, help="a system message to start with")
-    add_sampling_flags(parser)
+    parser.add_argument("--system", default=None,
+                        help="a system message to start with (default: none)")
+    # Replies are conversation-length and deterministic unless asked otherwise.
+    add_sampling_flags(parser, defaults={"max_tokens": 512, "temperature": 0.0})
     parser.set_defaults(handler=run_chat)
 
 
 def run_chat(args: argparse.Namespace) -> int:
-    from kvloom.engine.engine import Engine
     from kvloom.sampling_params import RequestOutputKind
 
-    if args.max_tokens is None:
-        args.max_tokens = 512
-    if args.temperature is None:
-        args.temperature = 0.0
     params = dataclasses.replace(sampling_params_from_args(args),
                                  output_kind=RequestOutputKind.DELTA)
-    engine = Engine.from_config(engine_config_from_args(args))
+    config = engine_config_from_args(args)
+    from kvloom.engine.engine import Engine  # torch: only once the arguments are known good
+
+    engine = Engine.from_config(config)
     if engine.tokenizer is None:
         raise ValueError("chat needs a tokenizer; this model has none")
     messages = [{"role": "system", "content": args.system}] if args.system else []

@@ -17,13 +17,16 @@ DEFAULT_TIMEOUT_KEEP_ALIVE = 5.0  # uvicorn's default, made explicit
 # the drain timeout still send their error (and a stream its [DONE]) before uvicorn
 # cancels whatever is left.
 DRAIN_GRACE_SECONDS = 2.0
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
 
 
 def add_serve_parser(commands) -> None:
+    from kvloom.entrypoints.cli_generate import add_engine_flags, model_help
+
     parser = commands.add_parser("serve", help="run the OpenAI-compatible HTTP server")
-    parser.add_argument("model", help="an HF model directory, or an engine.yaml file")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("model", help=model_help())
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on")
     parser.add_argument("--api-key", default=None,
                         help="require 'Authorization: Bearer KEY' on every route but /health, "
                              "/ready and /metrics (default: $KVLOOM_API_KEY, which keeps the "
@@ -31,18 +34,18 @@ def add_serve_parser(commands) -> None:
     parser.add_argument("--served-model-name", default=None,
                         help="the model name clients send (default: the model argument, or "
                              "the model an engine.yaml names)")
-    parser.add_argument("--dtype", default=None)
-    parser.add_argument("--attention", default=None)
-    parser.add_argument("--platform", default=None)
-    parser.add_argument("--load-format", default=None)
-    parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--max-num-seqs", type=int, default=None)
+    add_engine_flags(parser)
+    parser.add_argument("--max-num-seqs", type=int, default=None,
+                        help="most sequences the engine runs at once (default: the "
+                             "engine.yaml's, else 256)")
     parser.add_argument("--max-queued-requests", type=int, default=1024,
                         help="sequences that may wait beyond max-num-seqs before 503s")
     parser.add_argument("--drain-timeout", type=float, default=30.0,
                         help="seconds in-flight requests get to finish after SIGTERM; then "
                              "streams end with an error event and [DONE], others get 503")
-    parser.add_argument("--log-level", default="info")
+    # choices: a typo fails here, not in uvicorn after the model has loaded.
+    parser.add_argument("--log-level", default="info", choices=LOG_LEVELS,
+                        help="uvicorn's log level")
     _add_http_limit_arguments(parser)
     parser.set_defaults(handler=run_serve)
 
@@ -96,7 +99,9 @@ def served_model_name(args: argparse.Namespace, config_model: str) -> str:
 
 
 def check_http_limits(args: argparse.Namespace) -> None:
-    """ValueError for a limit that would refuse everything or nothing."""
+    """ValueError for a limit that would refuse everything or nothing, or an empty key."""
+    if args.max_queued_requests < 0:
+        raise ValueError("--max-queued-requests must be non-negative")
     if args.api_key is not None and not args.api_key.strip():
         # `--api-key "$KVLOOM_API_KEY"` with the variable unset must not mean "no key".
         raise ValueError("--api-key is empty; give the key, or leave the flag out (the "
@@ -136,16 +141,19 @@ def uvicorn_config(app, args: argparse.Namespace):
 
 def run_serve(args: argparse.Namespace) -> int:
     """Serve until SIGTERM (exit 0 after the drain) or the engine's death (exit 1)."""
+    check_http_limits(args)
+    config = serve_engine_config(args)
+    return serve(args, config)
+
+
+def serve(args: argparse.Namespace, config) -> int:
+    """Build the engine and the app from checked arguments and serve (torch loads here)."""
     from kvloom.config import api_key_from_env
     from kvloom.engine.async_engine import AsyncEngine
     from kvloom.engine.engine import Engine
     from kvloom.entrypoints.openai.draining import DrainingServer
     from kvloom.entrypoints.openai.server import build_app
 
-    if args.max_queued_requests < 0:
-        raise ValueError("--max-queued-requests must be non-negative")
-    check_http_limits(args)
-    config = serve_engine_config(args)
     engine = Engine.from_config(config)
     async_engine = AsyncEngine(engine, max_queued_requests=args.max_queued_requests)
     app = build_app(async_engine, served_model_name(args, config.model.model),
