@@ -78,7 +78,7 @@ def build_engine(config: EngineConfig, registries: Registries) -> EngineComponen
         lambda: make_structured_output_backend(config, registries, tokenizer, hf_config))
     runner = _build_runner(config, registries, platform, model, backend, limits,
                            grammar_compiler, drafter, hf_config.vocab_size)
-    if platform.device_type == "cuda":
+    if platform.needs_profile_run:
         # The KV cache gets what the largest step leaves free.
         runner.profile_run(min(limits.max_num_batched_tokens, max_model_len),
                            limits.max_num_seqs)
@@ -118,9 +118,9 @@ def _build_runner(config: EngineConfig, registries: Registries, platform: Platfo
         max_num_tokens=max(limits.max_num_batched_tokens, limits.max_num_seqs),
         max_num_seqs=limits.max_num_seqs,
         max_blocks_per_seq=-(-limits.max_model_len // block_size),
-        device=platform.device(), pin_memory=getattr(platform, "uses_pinned_memory", False))
+        platform=platform)
     sampler = registries["sampler"].create(config.sampler)
-    return ModelRunner(model, backend, sampler, buffers, block_size, platform.device(),
+    return ModelRunner(model, backend, sampler, buffers, block_size, platform,
                        grammar_compiler.fill_bitmasks, drafter,
                        limits.num_speculative_tokens, vocab_size)
 
@@ -138,12 +138,13 @@ def use_cuda_graphs(config: EngineConfig, platform: Platform, backend: Attention
         logger.info("CUDA graphs off: drafter %r reads the target's hidden states",
                     getattr(drafter, "name", "?"))
         return False
-    supported = (getattr(platform, "supports_cuda_graphs", False)
-                 and getattr(backend, "supports_cuda_graphs", False))
-    if not supported:
-        logger.info("CUDA graphs off: platform %r or attention backend %r does not support them",
-                    platform.name, getattr(backend, "name", "?"))
-    return supported
+    if not platform.supports_cuda_graphs:
+        logger.info("CUDA graphs off: platform %r does not support them", platform.name)
+        return False
+    if not backend.supports_cuda_graphs:
+        logger.info("CUDA graphs off: attention backend %r does not support them", backend.name)
+        return False
+    return True
 
 
 def _build_model(config: EngineConfig, registries: Registries, platform: Platform,

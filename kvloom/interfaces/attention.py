@@ -97,9 +97,21 @@ class AttentionImpl(ABC):
 
 
 class AttentionBackend(ABC):
-    """A registered attention backend. Construct cheaply; import heavy deps lazily."""
+    """A registered attention backend. Construct cheaply; import heavy deps lazily.
+
+    Attributes:
+        name: the registered name, for messages.
+        supports_cuda_graphs: decode steps through this backend may be captured once
+            and replayed with new inputs. The backend promises that the metadata
+            ``build_metadata`` returns for the runner's static input buffers reads
+            every per-step value (sequence lengths, block tables, slots) from those
+            tensors rather than baking it in, and that ``forward``'s kernel launches
+            depend only on the batch size. Graphs are used only when the platform
+            supports them too (``Platform.supports_cuda_graphs``).
+    """
 
     name: str = "unnamed"
+    supports_cuda_graphs: bool = False
 
     def validate(self, spec: AttentionSpec) -> list[str]:
         """Reasons this backend cannot run ``spec``; empty when it can."""

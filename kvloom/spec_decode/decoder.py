@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from kvloom.interfaces.drafter import Drafter, DraftInputs, TargetStep
+from kvloom.interfaces.platform import Platform
 from kvloom.interfaces.sampler import Sampler, SamplingMetadata
 from kvloom.step.scheduler_output import SampleLogprobs, ScheduledRequest
 from kvloom.worker.input_batch import ModelInputs
@@ -75,16 +76,17 @@ class SpeculativeDecoder:
 
     def __init__(self, drafter: Drafter, sampler: Sampler, sampling_state: SamplingState,
                  sampled_tokens: SampledTokenStore, vocab_size: int, block_size: int,
-                 device: torch.device) -> None:
+                 platform: Platform) -> None:
         self.drafter = drafter
         self.sampler = sampler
         self.sampling_state = sampling_state
         self.sampled_tokens = sampled_tokens
         self.vocab_size = vocab_size
         self.block_size = block_size
-        self.device = device
-        pin = device.type == "cuda"
-        self._host = {name: torch.zeros(0, dtype=torch.int64, pin_memory=pin)
+        self.platform = platform
+        self.device = platform.device()
+        self._host = {name: torch.zeros(0, dtype=torch.int64,
+                                        pin_memory=platform.uses_pinned_memory)
                       for name in ("tokens", "counts")}
         self.last_step: VerifiedStep | None = None
 
@@ -125,7 +127,7 @@ class SpeculativeDecoder:
         counts_host = self._host_buffer("counts", num_tokens.numel())
         tokens_host.copy_(token_ids, non_blocking=True)
         counts_host.copy_(num_tokens, non_blocking=True)
-        wait_for_copies = copies_marker(self.device)
+        wait_for_copies = copies_marker(self.platform)
 
         def wait() -> ModelRunnerOutput:
             wait_for_copies()
@@ -159,7 +161,7 @@ class SpeculativeDecoder:
         if self._host[name].numel() < size:
             self._host[name] = torch.zeros(max(size, 2 * self._host[name].numel()),
                                            dtype=torch.int64,
-                                           pin_memory=self.device.type == "cuda")
+                                           pin_memory=self.platform.uses_pinned_memory)
         return self._host[name][:size]
 
     # ------------------------------------------------------------------ drafts

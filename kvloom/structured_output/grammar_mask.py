@@ -69,8 +69,9 @@ class FilledRows:
 
 
 class GrammarMasks:
-    """Packed int32 bitmasks (bit i of word w allows token 32 * w + i) in pinned memory,
-    filled on a background thread while the engine's own thread goes on.
+    """Packed int32 bitmasks (bit i of word w allows token 32 * w + i) in host memory
+    (pinned with ``pin_memory``, the platform's ``uses_pinned_memory``), filled on a
+    background thread while the engine's own thread goes on.
 
     Two host buffers alternate, so filling step N+1's masks never overwrites a
     buffer whose copy to the device may still be pending.
@@ -80,9 +81,11 @@ class GrammarMasks:
     """
 
     def __init__(self, max_num_rows: int, device: torch.device,
-                 fill_bitmasks: FillBitmasks = fill_one_by_one) -> None:
+                 fill_bitmasks: FillBitmasks = fill_one_by_one, *,
+                 pin_memory: bool = False) -> None:
         self.max_num_rows = max_num_rows
         self.device = device
+        self.pin_memory = pin_memory
         self.fill_bitmasks = fill_bitmasks
         self.shifts = torch.arange(8, dtype=torch.uint8, device=device)
         self.host_buffers: list[torch.Tensor] = []
@@ -178,9 +181,8 @@ class GrammarMasks:
     def _host_buffer(self, vocab_size: int) -> torch.Tensor:
         num_words = (vocab_size + 31) // 32
         if not self.host_buffers or self.host_buffers[0].shape[1] != num_words:
-            pin = self.device.type == "cuda"
             self.host_buffers = [torch.empty((self.max_num_rows, num_words), dtype=torch.int32,
-                                             pin_memory=pin) for _ in range(2)]
+                                             pin_memory=self.pin_memory) for _ in range(2)]
         buffer = self.host_buffers[self.next_buffer]
         self.next_buffer ^= 1
         return buffer

@@ -13,7 +13,8 @@ run eagerly.
 
 Contract with the attention backend (``supports_cuda_graphs = True``): the
 metadata built from the runner's static buffers must read every per-step value
-from those tensors, and its launches must depend only on the batch size.
+from those tensors, and its launches must depend only on the batch size. The
+platform (``supports_cuda_graphs = True``) makes, captures and pools the graphs.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 
 from kvloom.interfaces.attention import AttentionBackend
+from kvloom.interfaces.platform import DeviceGraph, Platform
 from kvloom.worker.input_batch import InputBuffers
 
 logger = logging.getLogger(__name__)
@@ -45,16 +47,17 @@ def default_capture_sizes(max_num_seqs: int) -> list[int]:
 class CudaGraphDecoder:
     """Captured decode forward passes, by padded batch size."""
 
-    def __init__(self, model: torch.nn.Module, backend: AttentionBackend,
+    def __init__(self, platform: Platform, model: torch.nn.Module, backend: AttentionBackend,
                  kv_caches: list[torch.Tensor], buffers: InputBuffers,
                  capture_sizes: list[int], num_speculative_tokens: int = 0) -> None:
+        self.platform = platform
         self.model = model
         self.backend = backend
         self.kv_caches = kv_caches
         self.buffers = buffers
         self.sizes = sorted(set(capture_sizes))
         # Keyed by (number of sequences, query tokens per sequence).
-        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[tuple[int, int], DeviceGraph] = {}
         self.outputs: dict[tuple[int, int], torch.Tensor] = {}
         self.metadata: dict[tuple[int, int], Any] = {}
         self.verify_keys = [(num_seqs, q) for q in range(2, num_speculative_tokens + 2)
@@ -85,25 +88,25 @@ class CudaGraphDecoder:
     @torch.inference_mode()
     def capture(self) -> None:
         started = time.perf_counter()
-        pool = torch.cuda.graph_pool_handle()
+        pool = self.platform.new_graph_pool()
         # Largest first, so smaller graphs reuse the largest one's memory pool.
         for size in reversed(self.sizes):
             self._capture_one((size, 1), self.buffers.prepare_padding_only(size), pool)
         for key in sorted(self.verify_keys, reverse=True):
             # Block 0's slots get written while capturing: no request owns them yet.
             self._capture_one(key, self.buffers.prepare_uniform_dummy(*key), pool)
-        torch.cuda.synchronize()
+        self.platform.synchronize()
         logger.info("captured %d CUDA graphs (batch sizes %s, verify shapes %s) in %.1f s",
                     len(self.graphs), self.sizes, self.verify_keys,
                     time.perf_counter() - started)
 
-    def _capture_one(self, key: tuple[int, int], inputs, pool) -> None:
+    def _capture_one(self, key: tuple[int, int], inputs, pool: Any) -> None:
         metadata = self.backend.build_metadata(inputs.attention)
         for _ in range(2):  # warm up: triton compiles, allocator settles
             self.model(inputs.input_ids, inputs.positions, self.kv_caches, metadata)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
+        self.platform.synchronize()
+        graph = self.platform.new_graph()
+        with self.platform.capture_graph(graph, pool):
             output = self.model(inputs.input_ids, inputs.positions, self.kv_caches, metadata)
         self.graphs[key], self.outputs[key], self.metadata[key] = graph, output, metadata
 

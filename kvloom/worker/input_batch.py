@@ -1,9 +1,10 @@
 """Flattening a scheduled batch into the model's input tensors.
 
-The runner owns one :class:`InputBuffers`: host buffers (pinned on GPUs, so the
-copies are asynchronous) and device buffers of the largest step's size. Each
-step fills a prefix of the host buffers with numpy and copies it over; the
-device buffers double as the static inputs of captured CUDA graphs.
+The runner owns one :class:`InputBuffers`: host buffers (pinned where the platform
+uses pinned memory, so the copies are asynchronous) and device buffers of the
+largest step's size. Each step fills a prefix of the host buffers with numpy and
+copies it over; the device buffers double as the static inputs of captured CUDA
+graphs.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 from kvloom.interfaces.attention import AttentionInputs
+from kvloom.interfaces.platform import Platform
 from kvloom.step.scheduler_output import ScheduledRequest
 
 
@@ -50,7 +52,9 @@ class InputBuffers:
     """Host and device buffers for up to ``max_num_tokens`` tokens and ``max_num_seqs`` sequences."""
 
     def __init__(self, max_num_tokens: int, max_num_seqs: int, max_blocks_per_seq: int,
-                 device: torch.device, pin_memory: bool) -> None:
+                 platform: Platform) -> None:
+        device = platform.device()
+        pin_memory = platform.uses_pinned_memory
         self.device = device
         self.max_num_tokens = max_num_tokens
         self.max_num_seqs = max_num_seqs
@@ -74,7 +78,7 @@ class InputBuffers:
         self._row_lengths = [0] * max_num_seqs
         # The host buffers are rewritten every step: wait until the last step's
         # asynchronous copies have read them.
-        self._uploaded = torch.cuda.Event() if device.type == "cuda" else None
+        self._uploaded = platform.new_event()
 
     def prepare(self, scheduled: list[ScheduledRequest], block_size: int,
                 pad_to: int | None = None) -> ModelInputs:
@@ -83,8 +87,7 @@ class InputBuffers:
         Padding sequences have length 0 and padding tokens slot -1, so
         attention skips them.
         """
-        if self._uploaded is not None:
-            self._uploaded.synchronize()
+        self._uploaded.synchronize()
         num_seqs = len(scheduled)
         query_lens = np.fromiter((len(item.token_ids) for item in scheduled), np.int64, num_seqs)
         num_computed = np.fromiter((item.num_computed_tokens for item in scheduled), np.int64,
@@ -199,5 +202,4 @@ class InputBuffers:
                                                       non_blocking=True)
         self.logits_indices[1][:num_sampled].copy_(self.logits_indices[0][:num_sampled],
                                                    non_blocking=True)
-        if self._uploaded is not None:
-            self._uploaded.record()
+        self._uploaded.record()

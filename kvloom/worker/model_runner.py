@@ -9,6 +9,7 @@ import torch
 
 from kvloom.interfaces.attention import AttentionBackend
 from kvloom.interfaces.drafter import Drafter
+from kvloom.interfaces.platform import Platform
 from kvloom.interfaces.sampler import Sampler
 from kvloom.sampling_params import SamplingParams
 from kvloom.step.scheduler_output import ScheduledRequest, SchedulerOutput
@@ -25,11 +26,15 @@ logger = logging.getLogger(__name__)
 
 
 class ModelRunner:
-    """Owns the model, its KV caches, the input buffers and the per-request sampling state."""
+    """Owns the model, its KV caches, the input buffers and the per-request sampling state.
+
+    Everything device-specific (pinned buffers, events, synchronising, graph capture)
+    goes through ``platform``.
+    """
 
     def __init__(self, model: torch.nn.Module, attention_backend: AttentionBackend,
                  sampler: Sampler, buffers: InputBuffers, block_size: int,
-                 device: torch.device, fill_bitmasks: FillBitmasks = fill_one_by_one,
+                 platform: Platform, fill_bitmasks: FillBitmasks = fill_one_by_one,
                  drafter: Drafter | None = None, num_speculative_tokens: int = 0,
                  vocab_size: int = 0) -> None:
         self.model = model
@@ -37,30 +42,33 @@ class ModelRunner:
         self.sampler = sampler
         self.buffers = buffers
         self.block_size = block_size
+        self.platform = platform
+        device = platform.device()
         self.device = device
         self.kv_caches: list[torch.Tensor] = []
         self.sampling_state = SamplingState(device)
         self.vocab_size = vocab_size
         self.num_failed_batches = 0  # batches sampled again row by row after raising
-        self.sampled_tokens = SampledTokenStore(buffers.max_num_seqs, device, vocab_size)
+        self.sampled_tokens = SampledTokenStore(buffers.max_num_seqs, platform, vocab_size)
         self.cuda_graphs: CudaGraphDecoder | None = None
         # With drafts, a request has a mask row per verified position.
         self.grammar_masks = GrammarMasks(buffers.max_num_seqs * (1 + num_speculative_tokens),
-                                          device, fill_bitmasks)
+                                          device, fill_bitmasks,
+                                          pin_memory=platform.uses_pinned_memory)
         self.speculative = None
         self.num_speculative_tokens = num_speculative_tokens
         if drafter is not None:
             self.speculative = SpeculativeDecoder(drafter, sampler, self.sampling_state,
                                                   self.sampled_tokens, vocab_size, block_size,
-                                                  device)
+                                                  platform)
 
     def initialize_kv_caches(self, kv_caches: list[torch.Tensor]) -> None:
         self.kv_caches = kv_caches
 
     def capture_cuda_graphs(self, capture_sizes: list[int]) -> None:
-        """Capture decode graphs; needs a backend that supports them and a CUDA device."""
-        self.cuda_graphs = CudaGraphDecoder(self.model, self.attention_backend, self.kv_caches,
-                                            self.buffers, capture_sizes,
+        """Capture decode graphs; needs a platform and a backend that support them."""
+        self.cuda_graphs = CudaGraphDecoder(self.platform, self.model, self.attention_backend,
+                                            self.kv_caches, self.buffers, capture_sizes,
                                             self.num_speculative_tokens)
         self.cuda_graphs.capture()
 
@@ -206,8 +214,7 @@ class ModelRunner:
         self.sampler.sample(logits, self.sampling_state.metadata_for(rows))
         self.sampling_state.forget({row.request_id for row in rows})
         del caches, hidden, logits
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
+        self.platform.synchronize()  # the peak is reached only once the queued work ran
 
 
 def _with_block_size(spec, runner: ModelRunner):

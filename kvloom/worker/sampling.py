@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 
+from kvloom.interfaces.platform import Platform
 from kvloom.interfaces.sampler import SamplerOutput, SamplingMetadata
 from kvloom.step.scheduler_output import SampleLogprobs, ScheduledRequest
 from kvloom.step.runner_output import ModelRunnerOutput, PendingRunnerOutput
@@ -81,21 +84,22 @@ class SamplingState:
 
 class SampledTokenStore:
     """The last step's sampled tokens: on the device for the next step's placeholders,
-    and copied to pinned host memory for the scheduler.
+    and copied to host memory (pinned where the platform uses it) for the scheduler.
 
     Two host buffers alternate, so copying step N+1's tokens never overwrites
     step N's before they are read.
     """
 
-    def __init__(self, max_num_seqs: int, device: torch.device, vocab_size: int = 0) -> None:
-        pin = device.type == "cuda"
+    def __init__(self, max_num_seqs: int, platform: Platform, vocab_size: int = 0) -> None:
         self.vocab_size = vocab_size
-        self.host_buffers = [torch.zeros(max_num_seqs, dtype=torch.int64, pin_memory=pin)
+        self.host_buffers = [torch.zeros(max_num_seqs, dtype=torch.int64,
+                                         pin_memory=platform.uses_pinned_memory)
                              for _ in range(2)]
         self.next_buffer = 0
         self.last_sampled: torch.Tensor | None = None
         self.last_row_of: dict[str, int] = {}
-        self.device = device
+        self.platform = platform
+        self.device = platform.device()
 
     def record(self, rows: list[ScheduledRequest], output: SamplerOutput) -> PendingRunnerOutput:
         sampled = output.sampled_token_ids
@@ -107,7 +111,7 @@ class SampledTokenStore:
         host = self.host_buffers[self.next_buffer][:len(rows)]
         self.next_buffer ^= 1
         host.copy_(sampled, non_blocking=True)
-        wait_for_copies = copies_marker(self.device)
+        wait_for_copies = copies_marker(self.platform)
 
         def wait() -> ModelRunnerOutput:
             wait_for_copies()
@@ -135,12 +139,10 @@ class SampledTokenStore:
         input_ids[indices] = self.last_sampled[rows_on_device]
 
 
-def copies_marker(device: torch.device):
-    """A function that waits until the work queued so far on ``device`` (the
-    asynchronous copies to the host) is done."""
-    if device.type != "cuda":
-        return lambda: None
-    event = torch.cuda.Event()
+def copies_marker(platform: Platform) -> Callable[[], None]:
+    """A function that waits until the work queued so far on the platform's device
+    (the asynchronous copies to the host) is done."""
+    event = platform.new_event()
     event.record()
     return event.synchronize
 

@@ -18,6 +18,10 @@ def register_platforms(register):
 
 
 class CpuPlatform(Platform):
+    """The host itself. The Platform defaults are the CPU's: work is done when it is
+    queued (events and synchronize wait for nothing), no pinned buffers, no graphs,
+    and the KV budget is fixed rather than measured (no profiling run)."""
+
     name = "cpu"
     device_type = "cpu"
 

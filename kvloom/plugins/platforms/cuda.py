@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
+from typing import Any
+
 import torch
 
 from kvloom.hookspecs import hookimpl
-from kvloom.interfaces.platform import Platform
+from kvloom.interfaces.platform import DeviceEvent, DeviceGraph, Platform
 
 KVLOOM_PLUGIN_API = ">=1.0,<2"  # the kvloom plugin API versions this module supports
 
@@ -27,6 +30,7 @@ class CudaPlatform(Platform):
     device_type = "cuda"
     supports_cuda_graphs = True
     uses_pinned_memory = True
+    needs_profile_run = True  # kv_cache_memory_bytes subtracts max_memory_allocated()
 
     def validate(self) -> list[str]:
         if not torch.cuda.is_available():
@@ -59,3 +63,15 @@ class CudaPlatform(Platform):
 
     def synchronize(self) -> None:
         torch.cuda.synchronize()
+
+    def new_event(self) -> DeviceEvent:
+        return torch.cuda.Event()
+
+    def new_graph(self) -> DeviceGraph:
+        return torch.cuda.CUDAGraph()
+
+    def new_graph_pool(self) -> Any:
+        return torch.cuda.graph_pool_handle()
+
+    def capture_graph(self, graph: DeviceGraph, pool: Any) -> AbstractContextManager[Any]:
+        return torch.cuda.graph(graph, pool=pool)
