@@ -11,27 +11,8 @@ import argparse
 import os
 from pathlib import Path
 
-_SAMPLING_FLAGS = {
-    "n": int, "temperature": float, "top_p": float, "top_k": int, "min_p": float,
-    "presence_penalty": float, "frequency_penalty": float, "repetition_penalty": float,
-    "seed": int, "max_tokens": int, "min_tokens": int, "logprobs": int,
-}
-# --help text of the sampling flags; their defaults come from SamplingParams itself.
-_SAMPLING_HELP = {
-    "n": "completions per prompt",
-    "temperature": "randomness of sampling; 0 is greedy",
-    "top_p": "sample from the smallest set of tokens whose probabilities reach this; 1 is off",
-    "top_k": "sample from the k most likely tokens; 0 or -1 is off",
-    "min_p": "drop tokens less likely than this fraction of the most likely one; 0 is off",
-    "presence_penalty": "lower the logits of tokens already generated (-2 to 2)",
-    "frequency_penalty": "lower the logits of tokens by how often they were generated (-2 to 2)",
-    "repetition_penalty": "scale down the logits of tokens already seen; 1 is off",
-    "seed": "seed for this request's random sampling",
-    "max_tokens": "most tokens to generate per completion",
-    "min_tokens": "tokens to generate before EOS or a stop may end a completion",
-    "logprobs": "log-probabilities of this many top tokens per step (computed; the CLI "
-                "prints only text)",
-}
+# What --help says of a sampling flag beyond its declared help (kvloom.sampling_params).
+_SAMPLING_HELP_NOTES = {"logprobs": "computed; the CLI prints only text"}
 # What the model flags leave to the engine.yaml or the model when not given.
 _MODEL_FLAG_HELP = {
     "dtype": "weights and activations dtype: auto, float32, float16 or bfloat16 "
@@ -90,16 +71,15 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
 def add_sampling_flags(parser: argparse.ArgumentParser, defaults: dict | None = None) -> None:
     """The sampling flags; ``defaults`` replaces SamplingParams' defaults (chat's are not
     generate's)."""
-    import dataclasses
-
-    from kvloom.sampling_params import SamplingParams
+    from kvloom.sampling_params import SAMPLING_FIELDS, cli_sampling_fields
 
     defaults = defaults or {}
-    params_defaults = {field.name: field.default for field in dataclasses.fields(SamplingParams)}
-    for name, kind in _SAMPLING_FLAGS.items():
-        text = _SAMPLING_HELP.get(name, f"SamplingParams.{name}")
+    for name, kind, text in cli_sampling_fields():
+        text = text.replace("%", "%%")  # argparse %-formats help; declared help is plain text
+        if name in _SAMPLING_HELP_NOTES:
+            text = f"{text} ({_SAMPLING_HELP_NOTES[name]})"
         # None leaves the value to SamplingParams, so its help shows SamplingParams' default.
-        shown = "%(default)s" if name in defaults else _describe(params_defaults.get(name))
+        shown = "%(default)s" if name in defaults else _describe(SAMPLING_FIELDS[name].default)
         parser.add_argument(f"--{name.replace('_', '-')}", type=kind,
                             default=defaults.get(name), dest=name,
                             help=f"{text} (default: {shown})")
@@ -123,9 +103,9 @@ def engine_overrides(args: argparse.Namespace) -> dict:
 
 
 def sampling_params_from_args(args: argparse.Namespace):
-    from kvloom.sampling_params import SamplingParams
+    from kvloom.sampling_params import SamplingParams, cli_sampling_fields
 
-    values = {name: getattr(args, name) for name in _SAMPLING_FLAGS
+    values = {name: getattr(args, name) for name, _, _ in cli_sampling_fields()
               if getattr(args, name) is not None}
     values.update(stop=args.stop, stop_token_ids=args.stop_token_ids, ignore_eos=args.ignore_eos)
     return SamplingParams(**values)

@@ -16,6 +16,10 @@ class SamplingMetadata:
     ``min_p`` 0.0 mean "off". ``generators`` holds a seeded ``torch.Generator``
     for rows whose request set a seed; other rows draw from the engine's stream.
 
+    The per-row tensors are the SamplingParams fields declared ``per_row``
+    (``PER_ROW_FLOAT_FIELDS``, ``PER_ROW_INT_FIELDS``), under the same names; they
+    are written out here for plugin authors, and a test keeps the two in step.
+
     Attributes:
         temperature: float [n]; 0 means greedy for that row.
         top_k: int64 [n].

@@ -9,11 +9,9 @@ import torch
 
 from kvloom.interfaces.platform import Platform
 from kvloom.interfaces.sampler import SamplerOutput, SamplingMetadata
+from kvloom.sampling_params import PER_ROW_FLOAT_FIELDS, PER_ROW_INT_FIELDS, SamplingParams
 from kvloom.step.scheduler_output import SampleLogprobs, ScheduledRequest
 from kvloom.step.runner_output import ModelRunnerOutput, PendingRunnerOutput
-
-_FLOAT_COLUMNS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
-                  "repetition_penalty")
 
 
 class SamplingState:
@@ -45,21 +43,15 @@ class SamplingState:
 
     def metadata_for(self, rows: list[ScheduledRequest]) -> SamplingMetadata:
         params = [row.sampling_params for row in rows]
-        # One host array and one copy for every float column.
-        floats = np.array([[getattr(p, name) for p in params] for name in _FLOAT_COLUMNS],
-                          dtype=np.float32)
-        floats = torch.from_numpy(floats).to(self.device, non_blocking=True)
-        top_k = torch.tensor([p.top_k for p in params], dtype=torch.int64).to(
-            self.device, non_blocking=True)
+        columns = {**self.per_row_tensors(params, PER_ROW_FLOAT_FIELDS, np.float32),
+                   **self.per_row_tensors(params, PER_ROW_INT_FIELDS, np.int64)}
         generators = {index: self.generator_for(row) for index, row in enumerate(rows)
                       if row.sampling_params.seed is not None
                       and not row.sampling_params.is_greedy}
         num_logprobs = [p.logprobs for p in params if p.logprobs is not None]
         greedy = [p.is_greedy for p in params]
         return SamplingMetadata(
-            temperature=floats[0], top_p=floats[1], min_p=floats[2],
-            presence_penalty=floats[3], frequency_penalty=floats[4],
-            repetition_penalty=floats[5], top_k=top_k,
+            **columns,
             prompt_token_ids=[row.prompt_token_ids for row in rows],
             output_token_ids=[row.output_token_ids for row in rows],
             banned_token_ids=[row.banned_token_ids for row in rows],
@@ -72,6 +64,13 @@ class SamplingState:
             any_min_p=any(p.min_p > 0 for p in params),
             any_top_k_top_p=any(p.top_k > 0 or p.top_p < 1.0 for p in params),
         )
+
+    def per_row_tensors(self, params: list[SamplingParams], names: tuple[str, ...],
+                        dtype: type) -> dict[str, torch.Tensor]:
+        """A tensor per field of ``names``, one value per row: one host array and one
+        copy for all of them."""
+        host = np.array([[getattr(p, name) for p in params] for name in names], dtype=dtype)
+        return dict(zip(names, torch.from_numpy(host).to(self.device, non_blocking=True)))
 
     def generator_for(self, row: ScheduledRequest) -> torch.Generator:
         generator = self.request_to_generator.get(row.request_id)

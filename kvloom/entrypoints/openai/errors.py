@@ -16,6 +16,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from kvloom.sampling_params import OPENAI_REQUEST_NAMES
+
 logger = logging.getLogger(__name__)
 
 MAX_MESSAGE_CHARS = 300
@@ -68,13 +70,12 @@ def _clip(message: str) -> str:
     return message.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-# Field names a SamplingParams / input-processor ValueError message may start with.
-_KNOWN_PARAMS = {
-    "n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
-    "repetition_penalty", "seed", "max_tokens", "min_tokens", "stop", "stop_token_ids",
-    "logprobs", "top_logprobs", "prompt", "messages", "prompt_token_ids", "tokens",
-    "cache_salt", "structured_outputs", "response_format",
-}
+# Field names a SamplingParams / input-processor ValueError message may start with:
+# SamplingParams' request fields (from its declaration), then the request's and the
+# input processor's own.
+_REQUEST_ONLY_PARAMS = {"top_logprobs", "prompt", "messages", "prompt_token_ids", "tokens",
+                        "cache_salt", "response_format"}
+_KNOWN_PARAMS = {*OPENAI_REQUEST_NAMES.values(), *_REQUEST_ONLY_PARAMS}
 
 
 def param_of_value_error(message: str, default: str | None = None) -> str | None:
@@ -85,6 +86,7 @@ def param_of_value_error(message: str, default: str | None = None) -> str | None
     name = match.group(0)
     if name == "prompt_token_ids":
         return "prompt" if default is None else default
+    name = OPENAI_REQUEST_NAMES.get(name, name)  # a SamplingParams name -> the request's
     return name if name in _KNOWN_PARAMS else default
 
 

@@ -7,17 +7,24 @@ fields are ignored, as OpenAI's own SDK sends fields a server may not know.
 Only the request's shape is checked here, and text everywhere (a lone surrogate,
 valid in JSON as ``"\\ud800"``, is a 400 naming the field); value ranges are
 SamplingParams' and the input processor's, shared with the offline API.
+
+The sampling fields both endpoints share are built from SamplingParams' declaration
+(``OPENAI_SHARED_FIELDS``): its type made strict, its default, its help as the
+field's description.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any, Literal, Union
+import types
+import typing
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import (AfterValidator, AllowInfNan, BaseModel, ConfigDict, Field, Strict,
-                      StringConstraints, ValidationInfo, model_validator)
+                      StringConstraints, ValidationInfo, create_model, model_validator)
 
-from kvloom.sampling_params import check_text
+from kvloom.sampling_params import (OPENAI_SHARED_FIELDS, SAMPLING_FIELDS, SamplingField,
+                                    check_text)
 
 # Identifiers (model, user, role, name) are echoed into logs, templates and errors;
 # none needs more.
@@ -91,26 +98,51 @@ class StructuredOutputsRequest(BaseModel):
         return data
 
 
-class SamplingFields(OpenAIModel):
-    """Fields shared by /v1/completions and /v1/chat/completions."""
+_STRICT_TYPES = {int: Int, float: Float, bool: Bool, str: Str}
+
+
+def _strict(annotation: Any) -> Any:
+    """``annotation`` with every scalar in it strict (Int, Float, Bool, Str), as the
+    hand-written fields are."""
+    if annotation in _STRICT_TYPES:
+        return _STRICT_TYPES[annotation]
+    if annotation is type(None):
+        return annotation
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is list:
+        return list[_strict(args[0])]
+    if origin in (Union, types.UnionType):
+        return Union[tuple(_strict(arg) for arg in args)]
+    raise TypeError(f"no request type for {annotation!r}: declare the SamplingParams field "
+                    "with openai_own_shape and write its request field in protocol.py")
+
+
+def _shared_sampling_field(declared: SamplingField) -> tuple[Any, Any]:
+    """The request field (type, FieldInfo) of a field both endpoints copy as it is."""
+    annotation, default = _strict(declared.type), declared.default
+    if declared.openai_null_default:  # null: SamplingParams' default applies
+        annotation, default = Optional[annotation], None
+    return annotation, Field(default=default, le=declared.openai_high,
+                             description=declared.help)
+
+
+class _RequestHead(OpenAIModel):
+    """The shared fields that come first (the OpenAPI schema's order)."""
 
     model: Name | None = None
     max_tokens: Int | None = None
-    n: Int = 1
-    temperature: Float | None = Field(default=None, le=2.0)  # OpenAI's range
-    top_p: Float | None = None
-    top_k: Int | None = None
-    min_p: Float | None = None
-    presence_penalty: Float | None = None
-    frequency_penalty: Float | None = None
-    repetition_penalty: Float | None = None
-    seed: Int | None = None
-    stop: Str | list[Str] | None = None
-    stop_token_ids: list[Int] | None = None
-    ignore_eos: Bool = False
-    min_tokens: Int = 0
-    skip_special_tokens: Bool = True
-    include_stop_str_in_output: Bool = False
+
+
+_SharedSamplingParams = create_model(
+    "SharedSamplingParams", __base__=_RequestHead, __module__=__name__,
+    **{request_name: _shared_sampling_field(SAMPLING_FIELDS[name])
+       for name, request_name in OPENAI_SHARED_FIELDS.items()})
+
+
+class SamplingFields(_SharedSamplingParams):
+    """Fields shared by /v1/completions and /v1/chat/completions: model and max_tokens,
+    SamplingParams' ``OPENAI_SHARED_FIELDS`` (built from its declaration), then these."""
+
     stream: Bool = False
     stream_options: StreamOptions | None = None
     user: Name | None = None

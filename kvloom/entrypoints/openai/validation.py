@@ -14,7 +14,7 @@ from kvloom.entrypoints.openai import protocol as p
 from kvloom.entrypoints.openai.errors import APIError, param_of_value_error
 from kvloom.entrypoints.openai.state import ServerState
 from kvloom.structured_output.openai_formats import structured_outputs_from_request
-from kvloom.sampling_params import RequestOutputKind, SamplingParams
+from kvloom.sampling_params import OPENAI_SHARED_FIELDS, RequestOutputKind, SamplingParams
 
 
 def check_model(state: ServerState, model: str | None) -> None:
@@ -67,19 +67,15 @@ def check_stream_fields(body: p.SamplingFields) -> None:
 
 def sampling_params(body: p.SamplingFields, max_tokens: int | None,
                     logprobs: int | None) -> SamplingParams:
-    values = {name: getattr(body, name) for name in (
-        "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
-        "repetition_penalty") if getattr(body, name) is not None}
+    # The shared fields are SamplingParams' own; one left null keeps its default.
+    values = {name: getattr(body, request_name)
+              for name, request_name in OPENAI_SHARED_FIELDS.items()
+              if getattr(body, request_name) is not None}
     structured_outputs = structured_outputs_from_request(body)
     try:
         params = SamplingParams(
-            n=body.n, max_tokens=max_tokens, seed=body.seed, stop=body.stop,
-            stop_token_ids=body.stop_token_ids, ignore_eos=body.ignore_eos,
-            min_tokens=body.min_tokens, logprobs=logprobs,
-            skip_special_tokens=body.skip_special_tokens,
-            include_stop_str_in_output=body.include_stop_str_in_output,
-            output_kind=RequestOutputKind.DELTA, structured_outputs=structured_outputs,
-            **values)
+            max_tokens=max_tokens, logprobs=logprobs, output_kind=RequestOutputKind.DELTA,
+            structured_outputs=structured_outputs, **values)
     except ValueError as exc:
         raise APIError(400, str(exc), param=param_of_value_error(str(exc))) from None
     if params.n > 1 and params.is_greedy:
