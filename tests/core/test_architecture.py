@@ -26,7 +26,8 @@ FORBIDDEN_PACKAGE = "kvloom.plugins"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("kvloom", "kvloom.failures", "kvloom.sampling_params", "kvloom.outputs",
                     "kvloom.config", "kvloom.hookspecs", "kvloom.interfaces", "kvloom.request",
-                    "kvloom.step", "kvloom.model_source")),
+                    "kvloom.step", "kvloom.model_source", "kvloom.value_checks",
+                    "kvloom.structured_output.params")),
     ("plugin loading", ("kvloom.plugin_manager", "kvloom.registry")),
     ("kv cache", ("kvloom.kv_cache",)),
     ("scheduling", ("kvloom.scheduler", "kvloom.spec_decode")),
