@@ -8,14 +8,18 @@ listed under the ``kvloom`` entry-point group of its distribution::
     my_sampler = "my_package.kvloom_plugin"
 
 Register hooks receive a ``register(name, factory, **metadata)`` callback owned
-by the core. ``factory`` is called lazily when the component is selected, so
-heavy imports (triton, xgrammar, ...) belong inside it, never at module level.
-A name that two plugins register is used by neither; selecting it fails
-naming both, and every other component keeps working.
+by the core, typed per kind in :mod:`kvloom.interfaces.registration`: what
+``factory`` is called with and returns (``PlatformFactory``, ``DrafterFactory``,
+...), and which metadata keywords the kind takes (``REGISTRATION_METADATA``; any
+other keyword is a registration error). ``factory`` is called lazily when the
+component is selected, so heavy imports (triton, xgrammar, ...) belong inside it,
+never at module level. A name that two plugins register is used by neither;
+selecting it fails naming both, and every other component keeps working.
 
 Hook specs only ever grow by new keyword arguments (pluggy lets an
 implementation accept a subset of them); a breaking change bumps
-:data:`PLUGIN_API_VERSION`.
+:data:`PLUGIN_API_VERSION`. Each spec documents every argument with a
+``:param name:`` line, what it returns, and when it is called.
 """
 
 from __future__ import annotations
@@ -23,6 +27,11 @@ from __future__ import annotations
 from typing import Any, Callable, Protocol
 
 import pluggy
+
+from kvloom.interfaces.registration import (RegisterAttentionBackend, RegisterDrafter,
+                                            RegisterModel, RegisterModelLoader,
+                                            RegisterPlatform, RegisterSampler,
+                                            RegisterStructuredOutputBackend)
 
 PROJECT_NAME = "kvloom"
 PLUGIN_API_VERSION = "1.0"
@@ -32,18 +41,27 @@ hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
 
 class RegisterFn(Protocol):
-    """The callback handed to every ``register_*`` hook."""
+    """Any kind's ``register`` callback, untyped; each hook's own is sharper
+    (:mod:`kvloom.interfaces.registration`)."""
 
     def __call__(self, name: str, factory: Callable[..., Any], **metadata: Any) -> None: ...
 
 
 @hookspec
-def register_platforms(register: RegisterFn) -> None:
+def register_platforms(register: RegisterPlatform) -> None:
     """Register hardware platforms (added in API 1.0).
 
-    ``factory()`` takes no arguments and returns a
-    :class:`kvloom.interfaces.platform.Platform`. Metadata ``priority`` (int,
-    higher wins) orders candidates for ``platform: auto``.
+    Called once whenever registries are built from a plugin manager (each engine,
+    ``kvloom plugins``, the conformance suite). ``factory()`` runs only when the
+    platform is selected by name, or for each ``platform: auto`` candidate,
+    highest ``priority`` first, until one's ``validate()`` returns no reasons.
+
+    :param register: a :class:`~kvloom.interfaces.registration.RegisterPlatform`,
+        ``register(name, factory, *, priority=0)``. ``factory`` is a
+        :class:`~kvloom.interfaces.registration.PlatformFactory`: ``factory()``
+        returns a :class:`kvloom.interfaces.platform.Platform`. ``priority``
+        (int, higher wins) orders candidates for ``platform: auto``.
+    :returns: nothing; a return value is ignored.
 
     Example::
 
@@ -57,13 +75,21 @@ def register_platforms(register: RegisterFn) -> None:
 
 
 @hookspec
-def register_attention_backends(register: RegisterFn) -> None:
+def register_attention_backends(register: RegisterAttentionBackend) -> None:
     """Register attention backends (added in API 1.0).
 
-    ``factory()`` takes no arguments and returns a
-    :class:`kvloom.interfaces.attention.AttentionBackend`. The platform's
-    ``attention_candidates()`` orders backends for ``attention: auto``; each
-    backend's ``validate()`` says why it cannot run a given model.
+    Called once whenever registries are built from a plugin manager.
+    ``factory()`` runs when the backend is selected (``attention: NAME``), or for
+    each of the platform's ``attention_candidates()`` under ``attention: auto``;
+    the backend's ``validate(spec)`` then says why it cannot run the model.
+
+    :param register: a
+        :class:`~kvloom.interfaces.registration.RegisterAttentionBackend`,
+        ``register(name, factory)`` (no metadata). ``factory`` is an
+        :class:`~kvloom.interfaces.registration.AttentionBackendFactory`:
+        ``factory()`` returns a
+        :class:`kvloom.interfaces.attention.AttentionBackend`.
+    :returns: nothing; a return value is ignored.
 
     Example::
 
@@ -75,13 +101,22 @@ def register_attention_backends(register: RegisterFn) -> None:
 
 
 @hookspec
-def register_models(register: RegisterFn) -> None:
+def register_models(register: RegisterModel) -> None:
     """Register model architectures by Hugging Face architecture name (added in API 1.0).
 
-    ``factory(hf_config, context)`` builds an ``nn.Module`` implementing
-    :class:`kvloom.interfaces.model.CausalLM`; ``context`` is a
-    :class:`kvloom.interfaces.model.ModelContext`. The name is matched against
-    ``config.json``'s ``architectures`` list.
+    Called once whenever registries are built from a plugin manager.
+    ``factory(hf_config, context)`` runs when a checkpoint's ``config.json``
+    lists the registered name in ``architectures``, under the platform's
+    ``torch.device``.
+
+    :param register: a :class:`~kvloom.interfaces.registration.RegisterModel`,
+        ``register(name, factory, *, tiny_config=None)``. ``factory`` is a
+        :class:`~kvloom.interfaces.registration.ModelFactory`:
+        ``factory(hf_config, context)`` gets the transformers config and a
+        :class:`kvloom.interfaces.model.ModelContext`, and returns an
+        ``nn.Module`` implementing :class:`kvloom.interfaces.model.CausalLM`.
+        ``tiny_config`` (``() -> PretrainedConfig``) is for the conformance suite.
+    :returns: nothing; a return value is ignored.
 
     Example::
 
@@ -95,12 +130,22 @@ def register_models(register: RegisterFn) -> None:
 
 
 @hookspec
-def register_model_loaders(register: RegisterFn) -> None:
+def register_model_loaders(register: RegisterModelLoader) -> None:
     """Register model loaders, selected by ``load_format`` (added in API 1.0).
 
-    ``factory()`` returns a :class:`kvloom.interfaces.loader.ModelLoader`.
-    Metadata ``auto`` (bool, default False) makes the loader a candidate for
-    ``load_format: auto``, tried in ascending ``priority``.
+    Called once whenever registries are built from a plugin manager.
+    ``factory()`` runs when ``load_format`` names the loader, or for each loader
+    registered with ``auto=True`` under ``load_format: auto``, lowest
+    ``priority`` first, until one's ``validate(model_config)`` is empty.
+
+    :param register: a
+        :class:`~kvloom.interfaces.registration.RegisterModelLoader`,
+        ``register(name, factory, *, auto=False, priority=100)``. ``factory`` is a
+        :class:`~kvloom.interfaces.registration.ModelLoaderFactory`:
+        ``factory()`` returns a :class:`kvloom.interfaces.loader.ModelLoader`.
+        ``auto`` (bool) makes the loader a candidate for ``load_format: auto``,
+        tried in ascending ``priority`` (int).
+    :returns: nothing; a return value is ignored.
 
     Example::
 
@@ -112,10 +157,18 @@ def register_model_loaders(register: RegisterFn) -> None:
 
 
 @hookspec
-def register_samplers(register: RegisterFn) -> None:
+def register_samplers(register: RegisterSampler) -> None:
     """Register samplers, selected by ``sampler:`` in the config (added in API 1.0).
 
-    ``factory()`` returns a :class:`kvloom.interfaces.sampler.Sampler`.
+    Called once whenever registries are built from a plugin manager.
+    ``factory()`` runs once when an engine starts with ``sampler: NAME``
+    (default ``default``).
+
+    :param register: a :class:`~kvloom.interfaces.registration.RegisterSampler`,
+        ``register(name, factory)`` (no metadata). ``factory`` is a
+        :class:`~kvloom.interfaces.registration.SamplerFactory`: ``factory()``
+        returns a :class:`kvloom.interfaces.sampler.Sampler`.
+    :returns: nothing; a return value is ignored.
 
     Example::
 
@@ -127,27 +180,51 @@ def register_samplers(register: RegisterFn) -> None:
 
 
 @hookspec
-def register_drafters(register: RegisterFn) -> None:
+def register_drafters(register: RegisterDrafter) -> None:
     """Register speculative-decoding drafters, selected by ``speculative.method`` (added in API 1.0).
 
-    ``factory(speculative_config)`` returns a
-    :class:`kvloom.interfaces.drafter.Drafter`.
+    Called once whenever registries are built from a plugin manager.
+    ``factory(speculative_config, context)`` runs once when an engine starts
+    with ``speculative: {method: NAME}``; the drafter's ``propose(inputs)`` then
+    runs after every step that sampled tokens.
+
+    :param register: a :class:`~kvloom.interfaces.registration.RegisterDrafter`,
+        ``register(name, factory, *, tiny_speculative_config=None)``.
+        ``factory`` is a :class:`~kvloom.interfaces.registration.DrafterFactory`:
+        ``factory(speculative_config, context)`` gets the ``speculative:``
+        section (a :class:`kvloom.config.SpeculativeConfig`) and a
+        :class:`kvloom.interfaces.drafter.DrafterContext` (target model, its HF
+        config, attention backend, dtype, device, block size, max_model_len), and
+        returns a :class:`kvloom.interfaces.drafter.Drafter`.
+        ``tiny_speculative_config`` (``(target_dir, work_dir) -> dict``) is for
+        the conformance suite.
+    :returns: nothing; a return value is ignored.
 
     Example::
 
         @hookimpl
         def register_drafters(register):
-            from my_package.drafter import SuffixDrafter
+            from my_package.drafter import SuffixDrafter  # __init__(speculative_config, context)
             register("suffix", SuffixDrafter)
     """
 
 
 @hookspec
-def register_structured_output_backends(register: RegisterFn) -> None:
+def register_structured_output_backends(register: RegisterStructuredOutputBackend) -> None:
     """Register structured-output backends, selected by ``structured_output:`` (added in API 1.0).
 
-    ``factory(tokenizer, vocab_size)`` returns a
-    :class:`kvloom.interfaces.structured_output.StructuredOutputBackend`.
+    Called once whenever registries are built from a plugin manager.
+    ``factory(tokenizer, vocab_size)`` runs the first time a request asks for
+    structured output, with ``structured_output: NAME`` (default ``xgrammar``).
+
+    :param register: a
+        :class:`~kvloom.interfaces.registration.RegisterStructuredOutputBackend`,
+        ``register(name, factory)`` (no metadata). ``factory`` is a
+        :class:`~kvloom.interfaces.registration.StructuredOutputBackendFactory`:
+        ``factory(tokenizer, vocab_size)`` gets the transformers tokenizer and the
+        model's vocabulary size (padding included), and returns a
+        :class:`kvloom.interfaces.structured_output.StructuredOutputBackend`.
+    :returns: nothing; a return value is ignored.
 
     Example::
 
@@ -162,9 +239,13 @@ def register_structured_output_backends(register: RegisterFn) -> None:
 def on_engine_step(stats: Any) -> None:
     """Observe every engine step (added in API 1.0).
 
-    Called after each ``Engine.step()`` with a
-    :class:`kvloom.engine.stats.EngineStats` snapshot. Must be cheap and must not
-    raise; an exception is logged and the plugin keeps being called.
+    Called after each ``Engine.step()``, on the engine's thread. Must be cheap and
+    must not raise; an exception is logged and the plugin keeps being called.
+
+    :param stats: a :class:`kvloom.engine.stats.EngineStats` snapshot of the step
+        (running and waiting requests, KV-cache usage, prefix-cache and
+        speculative-decoding counters, preemptions).
+    :returns: nothing; a return value is ignored.
 
     Example::
 

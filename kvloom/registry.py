@@ -1,18 +1,24 @@
 """Named registries of plugin components, filled by the ``register_*`` hooks.
 
 A broken registration never stops the engine: a name registered by two plugins
-is a *conflict* (neither is chosen silently; selecting it fails naming both), and
-a register hook that raises leaves nothing of that call registered. Both are
-logged and kept, so selecting an affected name says why it is unavailable and
+is a *conflict* (neither is chosen silently; selecting it fails naming both); a
+registration with metadata its kind does not take (a typo such as ``priorty=``,
+see :data:`~kvloom.interfaces.registration.REGISTRATION_METADATA`) or with a
+factory that is not callable is *refused* (the name is claimed but unusable, so
+another plugin's component of that name is not chosen silently either); and a
+register hook that raises leaves nothing of that call registered. All are logged
+and kept, so selecting an affected name says why it is unavailable and
 ``kvloom plugins`` lists them; every other component works.
 """
 
 from __future__ import annotations
 
+import difflib
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from kvloom.interfaces.registration import REGISTRATION_METADATA
 from kvloom.plugin_manager import KvloomPluginManager
 
 logger = logging.getLogger(__name__)
@@ -35,7 +41,9 @@ class PluginSelectionError(ValueError):
 
 @dataclass(slots=True)
 class RegisteredComponent:
-    """One ``register(name, factory, **metadata)`` call."""
+    """One ``register(name, factory, **metadata)`` call; ``metadata`` holds every key
+    of the kind (:data:`~kvloom.interfaces.registration.REGISTRATION_METADATA`), the
+    defaults filled in."""
 
     kind: str
     name: str
@@ -46,12 +54,14 @@ class RegisteredComponent:
 
 @dataclass(slots=True)
 class RegistrationFailure:
-    """A name two plugins registered, or a register hook that raised."""
+    """A name two plugins registered, a refused registration, or a register hook
+    that raised."""
 
     kind: str
     plugin_names: list[str]
     message: str
-    name: str | None = None  # the conflicting component name; None for a raising hook
+    name: str | None = None  # the unusable component name; None for a raising hook
+    refusals: list[str] = field(default_factory=list)  # why registrations of name were refused
 
 
 class Registry:
@@ -65,21 +75,32 @@ class Registry:
         # Plugins that failed to load: an unknown name may be theirs, so say so.
         self.load_failures: list[str] = []
 
-    def add(self, component: RegisteredComponent) -> None:
-        """Add a component; a name that is already taken becomes a conflict."""
-        conflict = self._conflict(component.name)
-        if conflict is not None:
-            conflict.plugin_names = sorted([*conflict.plugin_names, component.plugin_name])
-            conflict.message = self._conflict_message(component.name, conflict.plugin_names)
-            return
-        existing = self.components.pop(component.name, None)
-        if existing is None:
-            self.components[component.name] = component
-            return
-        plugins = sorted([existing.plugin_name, component.plugin_name])
-        self.errors.append(RegistrationFailure(self.kind, plugins,
-                                             self._conflict_message(component.name, plugins),
-                                             component.name))
+    def add(self, component: RegisteredComponent, refusal: str | None = None) -> None:
+        """Add a component; a name that is already taken becomes a conflict.
+
+        With ``refusal`` (why the registration is invalid) the name is claimed but
+        not usable: selecting it fails with the reason.
+        """
+        failure = self._conflict(component.name)
+        if failure is None:
+            existing = self.components.pop(component.name, None)
+            if existing is None and refusal is None:
+                self.components[component.name] = component
+                return
+            failure = RegistrationFailure(self.kind, [], "", component.name)
+            if existing is not None:
+                failure.plugin_names.append(existing.plugin_name)
+            self.errors.append(failure)
+        failure.plugin_names = sorted([*failure.plugin_names, component.plugin_name])
+        if refusal is not None:
+            failure.refusals.append(refusal)
+        failure.message = self._failure_message(component.name, failure)
+
+    def _failure_message(self, name: str, failure: RegistrationFailure) -> str:
+        if len(failure.plugin_names) == 1:  # one refused registration, nothing else
+            return failure.refusals[0]
+        return "; ".join([self._conflict_message(name, failure.plugin_names),
+                          *failure.refusals])
 
     def _conflict(self, name: str) -> RegistrationFailure | None:
         return next((error for error in self.errors if error.name == name), None)
@@ -151,11 +172,8 @@ class Registries:
         # the plugin that made it (conflicts name both plugins), and a hook that
         # raises halfway leaves none of its registrations behind.
         for impl in hook.get_hookimpls():
-            made: list[RegisteredComponent] = []
-
-            def register(name: str, factory: Callable[..., Any], _plugin=impl.plugin_name,
-                         _made=made, **metadata: Any) -> None:
-                _made.append(RegisteredComponent(kind, name, factory, _plugin, metadata))
+            made: list[tuple[RegisteredComponent, str | None]] = []
+            register = _register_callback(registry, impl.plugin_name, made)
             try:
                 impl.function(**{arg: register for arg in impl.argnames if arg == "register"})
             except Exception as exc:
@@ -164,8 +182,8 @@ class Registries:
                     f"plugin {impl.plugin_name!r} failed in {hook_name}: "
                     f"{type(exc).__name__}: {' '.join(str(exc).split())}"))
                 continue
-            for component in made:
-                registry.add(component)
+            for component, refusal in made:
+                registry.add(component, refusal)
 
     def _describe(self, plugin_names: list[str]) -> str:
         described = []
@@ -174,3 +192,54 @@ class Registries:
             dist = info.distribution if info and info.distribution else "unknown distribution"
             described.append(f"{plugin!r} ({dist})")
         return ", ".join(described)
+
+
+def _register_callback(registry: Registry, plugin_name: str,
+                       made: list[tuple[RegisteredComponent, str | None]]) -> Callable[..., None]:
+    """The ``register(name, factory, **metadata)`` handed to one hook implementation:
+    each call is checked and kept in ``made`` with the reason it is refused, if it is.
+    A name that is not a string raises (the hook fails: there is no name to refuse)."""
+
+    def register(name: str, factory: Callable[..., Any], **metadata: Any) -> None:
+        if not isinstance(name, str):
+            raise TypeError(f"register() takes the {registry.label}'s name as a str first, "
+                            f"not {type(name).__name__} {_one_line(name)}")
+        problems = registration_problems(registry.kind, factory, metadata)
+        refusal = None
+        if problems:
+            refusal = (f"{registry.label} {name!r} of plugin {plugin_name!r} is not used: "
+                       + "; ".join(problems))
+        # Every key of the kind is present, defaults filled in: readers need no defaults.
+        filled = {key: spec.default
+                  for key, spec in REGISTRATION_METADATA[registry.kind].items()}
+        made.append((RegisteredComponent(registry.kind, name, factory, plugin_name,
+                                         {**filled, **metadata}), refusal))
+
+    return register
+
+
+def registration_problems(kind: str, factory: Any, metadata: dict[str, Any]) -> list[str]:
+    """What is wrong with one ``register(name, factory, **metadata)`` call of ``kind``:
+    a factory that is not callable, metadata keys the kind does not take, values of the
+    wrong type (:data:`~kvloom.interfaces.registration.REGISTRATION_METADATA`)."""
+    allowed = REGISTRATION_METADATA[kind]
+    problems = [] if callable(factory) else [
+        f"its factory {_one_line(factory)} ({type(factory).__name__}) is not callable"]
+    for key, value in metadata.items():
+        spec = allowed.get(key)
+        if spec is None:
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            accepted = f"take {', '.join(allowed)}" if allowed else "take no metadata"
+            problems.append(f"unknown metadata key {key!r}{hint}; "
+                            f"{PLUGIN_KINDS[kind][1]} registrations {accepted}")
+        elif not spec.accepts(value):
+            problems.append(f"metadata {key!r} must be {spec.expected}, "
+                            f"not {type(value).__name__} {_one_line(value)}")
+    return problems
+
+
+def _one_line(value: Any, limit: int = 60) -> str:
+    """A value's repr for an error message: one line (a `kvloom plugins` row), short."""
+    text = " ".join(repr(value).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."

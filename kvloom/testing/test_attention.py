@@ -65,3 +65,9 @@ def test_kv_cache_shape_scales_with_blocks(attention_component):
     assert torch.Size(large).numel() == 2 * torch.Size(small).numel(), (
         "kv_cache_shape must hold a fixed amount per block: the engine sizes the "
         "cache from it")
+
+
+def test_capabilities_are_declared_flags(attention_component):
+    backend = attention_component.factory()
+    assert isinstance(backend.supports_cuda_graphs, bool), (
+        "supports_cuda_graphs is a bool class attribute (AttentionBackend's default: False)")

@@ -67,3 +67,40 @@ def test_attention_candidates_are_names(platform, conformance_registries):
     registered = set(conformance_registries["attention"].names())
     assert registered & set(candidates), (
         f"none of {candidates} is an installed attention backend ({sorted(registered)})")
+
+
+def test_capabilities_are_declared_flags(platform):
+    for name in ("uses_pinned_memory", "supports_cuda_graphs", "needs_profile_run"):
+        assert isinstance(getattr(platform, name), bool), f"{name} is a bool class attribute"
+
+
+def test_an_event_orders_a_copy_to_the_host(platform):
+    """The worker copies results into (pinned, when the platform says so) host memory
+    without blocking, records an event and waits on it before reading."""
+    on_device = torch.arange(4096, dtype=torch.float32, device=platform.device()) * 3
+    host = torch.empty(4096, dtype=torch.float32, pin_memory=platform.uses_pinned_memory)
+    host.copy_(on_device, non_blocking=True)
+    event = platform.new_event()
+    event.record()
+    event.synchronize()
+    assert torch.equal(host, torch.arange(4096, dtype=torch.float32) * 3)
+
+
+def test_graph_capture_matches_the_declared_capability(platform):
+    """With ``supports_cuda_graphs`` a captured graph replays on refilled inputs;
+    without, asking for a graph fails clearly rather than half-working."""
+    if not platform.supports_cuda_graphs:
+        with pytest.raises(NotImplementedError):
+            platform.new_graph()
+        return
+    static_input = torch.zeros(16, device=platform.device())
+    graph, pool = platform.new_graph(), platform.new_graph_pool()
+    static_input.copy_(torch.ones(16))
+    static_output = static_input * 2 + 1  # warm up outside the capture
+    platform.synchronize()
+    with platform.capture_graph(graph, pool):
+        static_output = static_input * 2 + 1
+    static_input.copy_(torch.arange(16, dtype=torch.float32))
+    graph.replay()
+    platform.synchronize()
+    assert torch.equal(static_output.cpu(), torch.arange(16, dtype=torch.float32) * 2 + 1)

@@ -54,6 +54,11 @@ BROKEN = {
     "register_hook_raises": (
         [("shiny-dist", "shiny", sampler_source(body="raise RuntimeError('no licence')"))],
         "plugin 'shiny' failed in register_samplers: RuntimeError: no licence"),
+    "unknown_metadata_key": (
+        [("shiny-dist", "shiny", sampler_source(body="return register('shiny', Greedy, "
+                                                     "priorty=1)"))],
+        "sampler 'shiny' of plugin 'shiny' is not used: unknown metadata key 'priorty'; "
+        "sampler registrations take no metadata"),
 }
 
 
