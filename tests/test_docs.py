@@ -1,4 +1,5 @@
-"""Every Python example in README.md and docs/ runs, and every hook is documented."""
+"""Every Python example in README.md and docs/ runs, every hook is documented, and no doc
+names what a reader cannot see (a folder outside the repository, a missing path)."""
 
 from __future__ import annotations
 
@@ -52,3 +53,21 @@ def test_every_hook_has_a_plugin_guide_section(hook):
     examples = CODE_BLOCK.findall(section)
     assert examples and not all(e.startswith("# not run in CI") for e in examples), (
         f"{hook}: no runnable example")
+
+
+# Things a reader of the docs cannot see: the docs must stand on their own.
+UNSEEN = ("/work/", "../shared", "shared folder", "device machine", "device tool", "BENCHMARKS.md")
+REPO_PATH = re.compile(r"(?<![\w./-])((?:kvloom|tests|benchmarks|examples|docs)/[\w./-]*)")
+
+
+@pytest.mark.parametrize("path", DOC_FILES, ids=lambda path: path.name)
+def test_doc_names_only_what_a_reader_has(path):
+    """No doc points at anything outside the repository, and every path in the
+    repository that it names (kvloom/..., benchmarks/..., tests/...) exists."""
+    text = path.read_text()
+    unseen = [phrase for phrase in UNSEEN if phrase in text]
+    assert not unseen, f"{path.name} speaks of what a reader cannot see: {unseen}"
+    missing = sorted({ref for ref in (m.group(1).rstrip(".").split(":")[0]
+                                      for m in REPO_PATH.finditer(text))
+                      if not (ROOT / ref).exists()})
+    assert not missing, f"{path.name} names paths the repository lacks: {missing}"
