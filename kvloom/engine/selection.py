@@ -52,12 +52,11 @@ def select_component(registry: Registry, name: str, auto_candidates: list[str],
 
 
 def platform_candidates(registry: Registry) -> list[str]:
-    """Registered platforms, highest ``priority`` first."""
-    return sorted(registry.components,
-                  key=lambda n: -int(registry.components[n].metadata.get("priority", 0)))
+    """Registered platforms, highest ``priority`` first (the registry fills in defaults)."""
+    return sorted(registry.components, key=lambda n: -registry.components[n].metadata["priority"])
 
 
 def loader_candidates(registry: Registry) -> list[str]:
     """Loaders that opted into ``load_format: auto``, lowest ``priority`` first."""
-    autos = [n for n, c in registry.components.items() if c.metadata.get("auto")]
-    return sorted(autos, key=lambda n: int(registry.components[n].metadata.get("priority", 100)))
+    autos = [n for n, c in registry.components.items() if c.metadata["auto"]]
+    return sorted(autos, key=lambda n: registry.components[n].metadata["priority"])
