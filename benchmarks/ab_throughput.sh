@@ -10,9 +10,9 @@
 # Packages the GPU machine lacks (pydantic, ...) are taken from .whl/ if it is there.
 # Results and logs go to $OUT (or ./gpu-out); a table of every run is printed last.
 set -u
-OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
+OUT=${OUT:-gpu-out}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
 model=$1 rounds=$2; shift 2
-root=$PWD
+runs=$OUT/runs; mkdir -p "$runs"  # one JSON per run; every run's log goes to runs.log
 extra=""
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/ab-site .whl/*.whl \
@@ -22,8 +22,8 @@ fi
 for spec in "$@"; do
     name=${spec%%=*} dir=${spec#*=}
     python3 -m pip install -q --no-deps --no-build-isolation --no-compile \
-        --target "/tmp/ab/$name" "$dir" > "$OUT/install_$name.log" 2>&1 \
-        || { echo "installing $name failed"; tail -n 20 "$OUT/install_$name.log"; exit 1; }
+        --target "/tmp/ab/$name" "$dir" > /tmp/ab-install.log 2>&1 \
+        || { echo "installing $name failed"; tail -n 20 /tmp/ab-install.log; exit 1; }
 done
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 
@@ -38,19 +38,21 @@ for round in $(seq "$rounds"); do
         fi
         hf=--skip-hf; limit=200
         if [ $first = 1 ]; then hf=""; limit=400; first=0; fi
-        log="$OUT/throughput_${name}_$round.log"
+        log=/tmp/ab-run.log
         # From /tmp, so no kvloom/ directory of a checkout can shadow the install.
         (cd /tmp && PYTHONPATH="/tmp/ab/$name${extra:+:$extra}" python3 -c \
             "import kvloom; print('kvloom from', kvloom.__file__)" && \
          PYTHONPATH="/tmp/ab/$name${extra:+:$extra}" timeout $limit python3 "$script" \
-            --model "$model" $hf --json "$root/$OUT/throughput_${name}_$round.json") \
+            --model "$model" $hf --json "$runs/throughput_${name}_$round.json") \
             > "$log" 2>&1
-        echo "=== round $round $name exit $?: $(grep -m1 'kvloom from' "$log")"
-        tail -n 6 "$log"
+        status=$?
+        { echo "=== round $round $name exit $status"; cat "$log"; } >> "$OUT/runs.log"
+        echo "=== round $round $name exit $status: $(grep -m1 'kvloom from' "$log")"
+        tail -n 4 "$log"
     done
 done
 
-python3 - "$OUT" <<'EOF'
+python3 - "$runs" <<'EOF'
 import json, pathlib, statistics, sys
 runs = {}
 for path in sorted(pathlib.Path(sys.argv[1]).glob("throughput_*_*.json")):
