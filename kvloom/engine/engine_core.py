@@ -18,16 +18,12 @@ tokens are recorded, the drafter proposes the next step's drafts.
 
 from __future__ import annotations
 
-import logging
-
-from kvloom.step.scheduler_output import EngineCoreOutput, SchedulerOutput
 from kvloom.request import Request, RequestStatus
 from kvloom.scheduler.scheduler import Scheduler
-from kvloom.worker.model_runner import ModelRunner
+from kvloom.spec_decode.proposing import DraftProposer
 from kvloom.step.runner_output import PendingRunnerOutput
-from kvloom.spec_decode.decoder import DraftCandidate
-
-logger = logging.getLogger(__name__)
+from kvloom.step.scheduler_output import EngineCoreOutput, SchedulerOutput
+from kvloom.worker.model_runner import ModelRunner
 
 
 class EngineCore:
@@ -38,7 +34,13 @@ class EngineCore:
         self.async_scheduling = async_scheduling
         self.last_num_scheduled_tokens = 0
         self.in_flight: tuple[SchedulerOutput, PendingRunnerOutput] | None = None
-        self.num_failed_proposals = 0
+        self.draft_proposer = (DraftProposer(scheduler, runner)
+                               if runner.speculative is not None else None)
+
+    @property
+    def num_failed_proposals(self) -> int:
+        """Steps whose drafter raised (they ran without drafts)."""
+        return self.draft_proposer.num_failures if self.draft_proposer is not None else 0
 
     def add_requests(self, requests: list[Request]) -> None:
         for request in requests:
@@ -89,26 +91,9 @@ class EngineCore:
         scheduler_output, pending = self.in_flight
         self.in_flight = None
         outputs = self.scheduler.update_from_output(scheduler_output, pending.result())
-        if self.runner.speculative is not None:
-            self._propose_drafts(scheduler_output)
+        if self.draft_proposer is not None:
+            self.draft_proposer.propose(scheduler_output)
         return outputs
-
-    def _propose_drafts(self, scheduler_output: SchedulerOutput) -> None:
-        candidates = self.scheduler.draft_candidates(scheduler_output)
-        try:
-            drafts = self.runner.propose_drafts([
-                DraftCandidate(request.request_id, request.all_token_ids, limit)
-                for request, limit in candidates])
-        except Exception as error:
-            # Drafts are only guesses: without them every request still gets its
-            # tokens (one a step), exactly as the target model picks them.
-            self.num_failed_proposals += 1
-            logger.error("the drafter raised (%d times so far); this step has no drafts",
-                         self.num_failed_proposals,
-                         exc_info=error if self.num_failed_proposals == 1 else None)
-            return
-        for (request, _), request_drafts in zip(candidates, drafts):
-            self.scheduler.set_drafts(request, request_drafts)
 
     def _can_schedule_ahead(self) -> bool:
         return (self.async_scheduling and self.runner.speculative is None

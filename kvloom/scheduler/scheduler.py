@@ -19,8 +19,8 @@ from kvloom.kv_cache.kv_cache_manager import KVCacheManager, PrefixHit
 from kvloom.step.scheduler_output import (PLACEHOLDER_TOKEN_ID, EngineCoreOutput, ScheduledRequest,
                                      SchedulerOutput)
 from kvloom.request import Request, RequestStatus
-from kvloom.spec_decode.scheduling import (SpecDecodeStats, max_num_drafts,
-                                           take_back_rejected_drafts, take_scheduled_drafts)
+from kvloom.spec_decode.scheduling import (SpecDecodeStats, take_back_rejected_drafts,
+                                           take_scheduled_drafts)
 from kvloom.scheduler.policy import FirstComeFirstServed, SchedulingPolicy
 from kvloom.step.runner_output import ModelRunnerOutput
 
@@ -314,22 +314,6 @@ class Scheduler:
             if status is not None:
                 return status, token_ids[:count]
         return None, token_ids
-
-    def draft_candidates(self, scheduler_output: SchedulerOutput) -> list[tuple[Request, int]]:
-        """Requests that sampled in this step and still run, with their draft limits."""
-        candidates = []
-        for item in scheduler_output.scheduled:
-            request = self.requests.get(item.request_id)
-            if (item.sample and request is not None and request.status == RequestStatus.RUNNING
-                    and request is scheduler_output.request_objects.get(item.request_id)):
-                limit = max_num_drafts(request, self.limits.num_speculative_tokens,
-                                       self.limits.max_model_len)
-                candidates.append((request, limit))
-        return candidates
-
-    def set_drafts(self, request: Request, draft_token_ids: list[int]) -> None:
-        """Drafts to verify when the request is next scheduled."""
-        request.draft_token_ids = draft_token_ids
 
     def _check_stop(self, request: Request, token_id: int) -> RequestStatus | None:
         # A stop token wins over the length limit it coincides with: the model

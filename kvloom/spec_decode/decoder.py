@@ -22,7 +22,7 @@ import torch
 
 from kvloom.interfaces.drafter import Drafter, DraftInputs, TargetStep
 from kvloom.interfaces.platform import Platform
-from kvloom.interfaces.sampler import Sampler, SamplingMetadata
+from kvloom.interfaces.sampler import Sampler
 from kvloom.step.scheduler_output import SampleLogprobs, ScheduledRequest
 from kvloom.worker.input_batch import ModelInputs
 from kvloom.spec_decode.rejection_sampler import rejection_sample

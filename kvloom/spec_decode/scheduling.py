@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvloom.request import Request
+from kvloom.request import Request, RequestStatus
+from kvloom.step.scheduler_output import SchedulerOutput
 
 
 @dataclass(slots=True)
@@ -80,3 +81,17 @@ def take_back_rejected_drafts(request: Request, num_accepted: int,
     num_drafted, request.num_drafts_in_flight = request.num_drafts_in_flight, 0
     stats.record(num_drafted, num_accepted)
     request.num_computed_tokens -= num_drafted - num_accepted
+
+
+def draft_candidates(scheduler_output: SchedulerOutput, requests: dict[str, Request],
+                     num_speculative_tokens: int,
+                     max_model_len: int) -> list[tuple[Request, int]]:
+    """Requests that sampled in this step and still run, with their draft limits."""
+    candidates = []
+    for item in scheduler_output.scheduled:
+        request = requests.get(item.request_id)
+        if (item.sample and request is not None and request.status == RequestStatus.RUNNING
+                and request is scheduler_output.request_objects.get(item.request_id)):
+            candidates.append((request, max_num_drafts(request, num_speculative_tokens,
+                                                       max_model_len)))
+    return candidates

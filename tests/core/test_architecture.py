@@ -33,7 +33,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("scheduling", ("kvloom.scheduler", "kvloom.spec_decode")),
     ("execution", ("kvloom.worker", "kvloom.spec_decode.decoder",
                    "kvloom.spec_decode.rejection_sampler", "kvloom.structured_output")),
-    ("engine", ("kvloom.engine", "kvloom.spec_decode.building",
+    ("engine", ("kvloom.engine", "kvloom.spec_decode.building", "kvloom.spec_decode.proposing",
                 "kvloom.structured_output.compiler")),
     ("entrypoints", ("kvloom.entrypoints", "kvloom.structured_output.openai_formats",
                      "kvloom.testing")),
