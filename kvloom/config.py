@@ -20,6 +20,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from kvloom.scheduler.policy import SCHEDULING_POLICIES
+
 PLUGIN_ALLOWLIST_ENV = "KVLOOM_PLUGINS"
 API_KEY_ENV = "KVLOOM_API_KEY"
 
@@ -98,9 +100,18 @@ class SchedulerConfig(Section):
     max_num_seqs: int = Field(default=256, gt=0)
     max_num_batched_tokens: int | None = Field(default=None, gt=0)
     enable_chunked_prefill: bool = True
-    policy: Literal["fcfs", "priority"] = "fcfs"
+    # A name in SCHEDULING_POLICIES (scheduler/policy.py): "fcfs" or "priority".
+    policy: str = "fcfs"
     # Schedule step N+1 while step N runs on the device (results are the same).
     async_scheduling: bool = True
+
+    @field_validator("policy")
+    @classmethod
+    def _known_policy(cls, name: str) -> str:
+        if name not in SCHEDULING_POLICIES:
+            raise ValueError(f"unknown scheduling policy {name!r}; known: "
+                             f"{', '.join(sorted(SCHEDULING_POLICIES))}")
+        return name
 
 
 class ParallelConfig(Section):

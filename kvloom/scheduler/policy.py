@@ -2,14 +2,17 @@
 running request gives way when the KV cache runs out.
 
 The scheduler asks its policy both questions and never looks at the policy's
-name, so a new policy is one class here and one entry in SCHEDULING_POLICIES
-(and the name in ``SchedulerConfig.policy``'s choices).
+name, so a new policy is one class here and its entry in SCHEDULING_POLICIES,
+which is also what ``scheduler.policy`` in the config is checked against. (This
+module and the queues sit in the foundation layer for that reason: they need
+nothing but Request.)
 """
 
 from __future__ import annotations
 
+import types
 from abc import ABC, abstractmethod
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from kvloom.request import Request
 from kvloom.scheduler.waiting_queue import FCFSQueue, PriorityQueue, WaitingQueue
@@ -58,8 +61,8 @@ class ByPriority(SchedulingPolicy):
         return max(running, key=lambda request: (request.priority, request.arrival_time))
 
 
-SCHEDULING_POLICIES: dict[str, type[SchedulingPolicy]] = {
-    policy.name: policy for policy in (FirstComeFirstServed, ByPriority)}
+SCHEDULING_POLICIES: Mapping[str, type[SchedulingPolicy]] = types.MappingProxyType({
+    policy.name: policy for policy in (FirstComeFirstServed, ByPriority)})
 
 
 def make_scheduling_policy(name: str) -> SchedulingPolicy:
