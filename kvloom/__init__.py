@@ -9,8 +9,6 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
-
 _EXPORTS = {
     "LLM": "kvloom.engine.llm",
     "Engine": "kvloom.engine.engine",
@@ -30,7 +28,18 @@ __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
+    if name == "__version__":  # the installed distribution's, so it never drifts from pyproject
+        return _installed_version()
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'kvloom' has no attribute {name!r}")
     return getattr(importlib.import_module(module), name)
+
+
+def _installed_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kvloom")
+    except PackageNotFoundError:  # a source tree used without installing it
+        return "0+unknown"

@@ -24,7 +24,7 @@ implementation accept a subset of them); a breaking change bumps
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from typing import Any
 
 import pluggy
 
@@ -38,13 +38,6 @@ PLUGIN_API_VERSION = "1.0"
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
-
-
-class RegisterFn(Protocol):
-    """Any kind's ``register`` callback, untyped; each hook's own is sharper
-    (:mod:`kvloom.interfaces.registration`)."""
-
-    def __call__(self, name: str, factory: Callable[..., Any], **metadata: Any) -> None: ...
 
 
 @hookspec

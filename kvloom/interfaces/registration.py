@@ -24,6 +24,8 @@ Nothing here imports torch or a plugin: the interface types are for annotations 
 
 from __future__ import annotations
 
+import types
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
@@ -201,9 +203,14 @@ def _is_callable_or_none(value: Any) -> bool:
     return value is None or callable(value)
 
 
+def _frozen(table: dict[str, dict[str, MetadataKey]]) -> Mapping[str, Mapping[str, MetadataKey]]:
+    return types.MappingProxyType({kind: types.MappingProxyType(keys)
+                                   for kind, keys in table.items()})
+
+
 # kind -> metadata key -> its contract. The only keys the core and the conformance suite
 # read; the register Protocols above spell the same keys and defaults.
-REGISTRATION_METADATA: dict[str, dict[str, MetadataKey]] = {
+REGISTRATION_METADATA: Mapping[str, Mapping[str, MetadataKey]] = _frozen({
     "platform": {
         "priority": MetadataKey("an int", _is_int, 0,
                                 "order of `platform: auto` candidates, highest first"),
@@ -229,4 +236,4 @@ REGISTRATION_METADATA: dict[str, dict[str, MetadataKey]] = {
             "settings for its tiny target model (a draft checkpoint, say)"),
     },
     "structured_output": {},
-}
+})

@@ -88,6 +88,9 @@ def kvloom_imports(source: str, module_name: str, is_package: bool,
                 anchor = anchor[:len(anchor) - (node.level - 1)]
                 base = ".".join(anchor + ([node.module] if node.module else []))
             for alias in node.names:
+                if base == "kvloom" and alias.name in kvloom._EXPORTS:
+                    found.append(kvloom._EXPORTS[alias.name])  # a lazy export's module
+                    continue
                 child = f"{base}.{alias.name}"
                 found.append(child if known is None or child in known else base)
         elif isinstance(node, ast.Call):
@@ -171,7 +174,10 @@ def test_upward_import_is_caught(tmp_path):
     low.write_text("def f():\n    from kvloom.worker import model_runner\n")
     assert upward_imports({"kvloom.scheduler.x": low}) == {
         "kvloom.scheduler.x": ["kvloom.worker"]}
-    low.write_text("from kvloom.request import Request\n")
+    low.write_text("from kvloom import LLM, SamplingParams\n")  # LLM lives in kvloom.engine
+    assert upward_imports({"kvloom.scheduler.x": low}) == {
+        "kvloom.scheduler.x": ["kvloom.engine.llm"]}
+    low.write_text("from kvloom.request import Request\nfrom kvloom import SamplingParams\n")
     assert upward_imports({"kvloom.scheduler.x": low}) == {}
 
 
