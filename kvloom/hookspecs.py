@@ -34,7 +34,10 @@ from kvloom.interfaces.registration import (RegisterAttentionBackend, RegisterDr
                                             RegisterStructuredOutputBackend)
 
 PROJECT_NAME = "kvloom"
-PLUGIN_API_VERSION = "1.0"
+# 1.1: Platform capabilities (uses_pinned_memory, supports_cuda_graphs, needs_profile_run,
+# new_event, graph capture) and AttentionBackend.supports_cuda_graphs on the interfaces,
+# with defaults; registration metadata checked against REGISTRATION_METADATA.
+PLUGIN_API_VERSION = "1.1"
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)

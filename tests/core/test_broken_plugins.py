@@ -42,7 +42,7 @@ BROKEN = {
         "PluginValidationError: Plugin 'shiny' for hook 'register_samplers'"),
     "incompatible_api": (
         [("shiny-dist", "shiny", sampler_source(api=">=2.0"))],
-        "supports kvloom plugin API >=2.0, but this kvloom provides API 1.0"),
+        "supports kvloom plugin API >=2.0, but this kvloom provides API 1.1"),
     "duplicate_component_name": (
         [("shiny-dist", "shiny", sampler_source()),
          ("shiny-fork", "shiny_fork", sampler_source())],

@@ -505,8 +505,8 @@ def test_builtins_declare_an_api_range_that_includes_this_kvloom():
 
 
 @pytest.mark.parametrize("api,reason", [
-    (">=2.0", "supports kvloom plugin API >=2.0, but this kvloom provides API 1.0"),
-    ("<1.0", "supports kvloom plugin API <1.0, but this kvloom provides API 1.0"),
+    (">=2.0", "supports kvloom plugin API >=2.0, but this kvloom provides API 1.1"),
+    ("<1.0", "supports kvloom plugin API <1.0, but this kvloom provides API 1.1"),
     ("version two", "declares KVLOOM_PLUGIN_API = 'version two', which is not a version range"),
 ])
 def test_incompatible_api_is_refused_and_the_engine_starts(fake_entry_points, tiny_qwen2,
