@@ -115,10 +115,24 @@ class SchedulerConfig(Section):
 
 
 class ParallelConfig(Section):
-    """Model parallelism (single device for now)."""
+    """Model parallelism: how many ranks hold slices of the model, and which executor
+    runs them (``uni``: one rank in the engine's process; ``mp``: a process per rank on
+    this machine; ``ray``: Ray actors, on any node of a cluster; or a plugin's)."""
 
-    tensor_parallel_size: int = Field(default=1, ge=1, le=1)
-    pipeline_parallel_size: int = Field(default=1, ge=1, le=1)
+    tensor_parallel_size: int = Field(default=1, ge=1, le=1024)
+    pipeline_parallel_size: int = Field(default=1, ge=1)
+    distributed_executor_backend: str = "auto"  # auto: uni for one rank, else mp
+    # ray: the cluster to join (an address such as "ray://host:10001" or "auto" for a
+    # running local one); None starts a local cluster when none is running.
+    ray_address: str | None = None
+
+    @field_validator("pipeline_parallel_size")
+    @classmethod
+    def _no_pipeline_parallelism(cls, size: int) -> int:
+        if size != 1:
+            raise ValueError(f"pipeline parallelism is not supported (got {size}); use "
+                             "tensor_parallel_size to split a model over devices")
+        return size
 
 
 class SpeculativeConfig(Section):

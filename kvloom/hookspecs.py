@@ -29,8 +29,9 @@ from typing import Any
 import pluggy
 
 from kvloom.interfaces.registration import (RegisterAttentionBackend, RegisterDrafter,
-                                            RegisterModel, RegisterModelLoader,
-                                            RegisterPlatform, RegisterSampler,
+                                            RegisterExecutor, RegisterModel,
+                                            RegisterModelLoader, RegisterPlatform,
+                                            RegisterSampler,
                                             RegisterStructuredOutputBackend)
 
 PROJECT_NAME = "kvloom"
@@ -228,6 +229,31 @@ def register_structured_output_backends(register: RegisterStructuredOutputBacken
         def register_structured_output_backends(register):
             from my_package.grammar import RegexOnlyBackend
             register("regex_only", RegexOnlyBackend)
+    """
+
+
+@hookspec
+def register_executors(register: RegisterExecutor) -> None:
+    """Register executors (added in API 1.1), selected by ``distributed_executor_backend``.
+
+    Called once whenever registries are built from a plugin manager. ``factory()`` runs
+    once when the engine starts; with ``tensor_parallel_size > 1`` the executor's
+    ``launch`` then starts the worker processes of ranks 1 and up (rank 0 runs in the
+    engine's process), ``dead_workers`` is asked before every step, and ``shutdown``
+    runs when the engine shuts down.
+
+    :param register: a :class:`~kvloom.interfaces.registration.RegisterExecutor`,
+        ``register(name, factory)`` (no metadata). ``factory`` is an
+        :class:`~kvloom.interfaces.registration.ExecutorFactory`: ``factory()`` takes
+        no arguments and returns a :class:`kvloom.interfaces.executor.Executor`.
+    :returns: nothing; a return value is ignored.
+
+    Example::
+
+        @hookimpl
+        def register_executors(register):
+            from my_package.slurm import SlurmExecutor
+            register("slurm", SlurmExecutor)
     """
 
 

@@ -32,6 +32,7 @@ PLUGIN_KINDS: dict[str, tuple[str, str]] = {
     "sampler": ("register_samplers", "sampler"),
     "drafter": ("register_drafters", "drafter"),
     "structured_output": ("register_structured_output_backends", "structured-output backend"),
+    "executor": ("register_executors", "executor"),
 }
 
 

@@ -199,6 +199,8 @@ class AsyncEngine:
                 if self.engine.has_unfinished_requests():
                     self._deliver(self.engine.step())
                     self._publish_stats()
+                    if self.engine.dead_error is not None:
+                        raise EngineDeadError(str(self.engine.dead_error))
                     if self.engine.num_consecutive_failed_steps >= MAX_CONSECUTIVE_FAILED_STEPS:
                         raise EngineDeadError(f"{MAX_CONSECUTIVE_FAILED_STEPS} model steps "
                                               "failed in a row")

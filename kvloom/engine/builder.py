@@ -9,19 +9,23 @@ from typing import Any, Callable
 import torch
 
 from kvloom.config import EngineConfig, cache_dir
-from kvloom.engine.selection import loader_candidates, platform_candidates, select_component
+from kvloom.distributed.driver import DistributedWorkers
+from kvloom.engine.model_shard import (ModelShard, allocate_kv_caches, build_model_shard,
+                                       full_spec, resolve_num_blocks, select_platform)
+from kvloom.engine.selection import select_component
 from kvloom.interfaces.attention import AttentionBackend, AttentionSpec
 from kvloom.interfaces.drafter import Drafter
-from kvloom.interfaces.loader import ModelLoader, ModelLoadError, describe_error
-from kvloom.interfaces.model import ModelContext
+from kvloom.interfaces.executor import Executor
+from kvloom.interfaces.loader import ModelLoader, describe_error
 from kvloom.interfaces.platform import Platform
 from kvloom.kv_cache.kv_cache_manager import KVCacheManager
 from kvloom.model_source import resolve_model
-from kvloom.registry import PluginSelectionError, Registries
+from kvloom.registry import Registries
 from kvloom.scheduler.policy import make_scheduling_policy
 from kvloom.scheduler.scheduler import Scheduler, SchedulerLimits
 from kvloom.spec_decode.building import build_drafter
 from kvloom.structured_output.compiler import GrammarCompiler, make_structured_output_backend
+from kvloom.structured_output.grammar_mask import FillBitmasks, fill_one_by_one
 from kvloom.worker.cuda_graphs import default_capture_sizes
 from kvloom.worker.input_batch import InputBuffers
 from kvloom.worker.model_runner import ModelRunner
@@ -29,7 +33,6 @@ from kvloom.worker.model_runner import ModelRunner
 logger = logging.getLogger(__name__)
 
 DEFAULT_CHUNKED_BATCHED_TOKENS = 8192
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(slots=True)
@@ -47,82 +50,131 @@ class EngineComponents:
     runner: ModelRunner
     kv_cache_manager: KVCacheManager
     grammar_compiler: GrammarCompiler
+    executor: Executor | None = None  # None: one rank, in this process
+    workers: DistributedWorkers | None = None  # ranks 1.. with tensor_parallel_size > 1
     drafter: Drafter | None = None
 
 
-def build_engine(config: EngineConfig, registries: Registries) -> EngineComponents:
+def build_engine(config: EngineConfig, registries: Registries,
+                 plugin_allowlist: tuple[str, ...] | None = None) -> EngineComponents:
+    """Every component, for rank 0; with ``tensor_parallel_size > 1`` the executor's
+    workers build the other ranks meanwhile (``plugin_allowlist`` is what they load)."""
+    config = with_resolved_model(config)
+    platform = select_platform(config, registries)
+    executor = select_executor(config, registries, platform)
+    workers = None
+    if config.parallel.tensor_parallel_size > 1:
+        workers = DistributedWorkers.launch(executor, config, platform, plugin_allowlist)
+    try:
+        return _build_driver(config, registries, platform, executor, workers)
+    except BaseException:
+        if workers is not None:
+            workers.shutdown()
+        elif executor is not None:
+            executor.shutdown()
+        raise
+
+
+def with_resolved_model(config: EngineConfig) -> EngineConfig:
     resolved = resolve_model(config.model.model, cache_dir())
-    if resolved != config.model.model:  # an alias or hub id, now a local path
-        config = config.model_copy(update={"model": config.model.model_copy(
-            update={"model": resolved})})
-    _, platform = select_component(
-        registries["platform"], config.platform, platform_candidates(registries["platform"]),
-        registries["platform"].create, lambda p: p.validate())
-    _, loader = select_component(
-        registries["loader"], config.model.load_format, loader_candidates(registries["loader"]),
-        registries["loader"].create, lambda loader_: loader_.validate(config.model))
-    hf_config = _at_model_path(config, loader.load_hf_config, config.model)
-    tokenizer = _load_tokenizer(loader, config)
-    dtype = resolve_dtype(config.model.dtype, hf_config, platform)
-    max_model_len = resolve_max_model_len(config.model.max_model_len, hf_config)
-    platform.seed_everything(config.model.seed)
+    if resolved == config.model.model:
+        return config
+    # An alias or hub id, now a local path (the workers read the same one).
+    return config.model_copy(update={"model": config.model.model_copy(
+        update={"model": resolved})})
 
-    model, attention_name, backend = _build_model(config, registries, platform, hf_config, dtype)
-    _at_model_path(config, loader.load_weights, model, config.model)
-    model.eval()
-    drafter = build_drafter(config, registries, platform, model, hf_config, backend, dtype,
-                            max_model_len)
 
-    limits = resolve_scheduler_limits(config, max_model_len, drafter)
+def _build_driver(config: EngineConfig, registries: Registries, platform: Platform,
+                  executor: Executor | None, workers: DistributedWorkers | None,
+                  ) -> EngineComponents:
+    platform.use_device(0)
+    shard = build_model_shard(config, registries, platform,
+                              workers.group if workers is not None else None)
+    tokenizer = _load_tokenizer(shard.loader, config)
+    if workers is not None:
+        workers.join()  # every rank has built its slice: from here on, collectives
+    drafter = build_drafter(config, registries, platform, shard.model, shard.hf_config,
+                            shard.backend, shard.dtype, shard.max_model_len)
+    if drafter is not None and workers is not None and drafter.uses_target_hidden_states:
+        raise ValueError(f"speculative method {config.speculative.method!r} reads the "
+                         "target's hidden states, which tensor_parallel_size > 1 does not "
+                         "support yet; use method: ngram")
+    limits = resolve_scheduler_limits(config, shard.max_model_len, drafter)
     grammar_compiler = GrammarCompiler(
-        lambda: make_structured_output_backend(config, registries, tokenizer, hf_config))
-    runner = _build_runner(config, registries, platform, model, backend, limits,
-                           grammar_compiler, drafter, hf_config.vocab_size)
-    if platform.needs_profile_run:
-        # The KV cache gets what the largest step leaves free.
-        runner.profile_run(min(limits.max_num_batched_tokens, max_model_len),
-                           limits.max_num_seqs)
-    spec = _full_spec(model.attention_spec(), config, platform)
-    draft_specs = [_full_spec(s, config, platform) for s in drafter.kv_cache_layers()] \
-        if drafter is not None else []
-    num_blocks = resolve_num_blocks(config, platform, spec, model.num_attention_layers(),
-                                    max_model_len, draft_specs)
-    runner.initialize_kv_caches([
-        torch.zeros(backend.kv_cache_shape(num_blocks, spec), dtype=dtype,
-                    device=platform.device())
-        for _ in range(model.num_attention_layers())])
+        lambda: make_structured_output_backend(config, registries, tokenizer, shard.hf_config))
+    runner = build_runner(config, registries, shard, limits, grammar_compiler.fill_bitmasks,
+                          drafter)
+    draft_specs = [full_spec(s, config.cache.block_size, platform)
+                   for s in drafter.kv_cache_layers()] if drafter is not None else []
+    num_blocks = prepare_kv_caches(config, shard, runner, limits, draft_specs,
+                                   workers.agree_on_minimum if workers is not None else None)
     if draft_specs:
         drafter.initialize_kv_caches([
-            torch.zeros(backend.kv_cache_shape(num_blocks, s), dtype=s.dtype,
+            torch.zeros(shard.backend.kv_cache_shape(num_blocks, s), dtype=s.dtype,
                         device=platform.device()) for s in draft_specs])
-    logger.info("KV cache: %d blocks of %d tokens", num_blocks, config.cache.block_size)
-    if use_cuda_graphs(config, platform, backend, drafter):
+    if use_cuda_graphs(config, platform, shard.backend, drafter):
         runner.capture_cuda_graphs(
             config.model.cuda_graph_sizes or default_capture_sizes(limits.max_num_seqs))
-
     kv_cache_manager = KVCacheManager(num_blocks, config.cache.block_size,
                                       config.cache.enable_prefix_caching)
     scheduler = Scheduler(limits, kv_cache_manager,
                           make_scheduling_policy(config.scheduler.policy))
-    return EngineComponents(platform, attention_name, tokenizer, hf_config, dtype, max_model_len,
-                            eos_token_ids(config, hf_config, tokenizer), scheduler, runner,
-                            kv_cache_manager, grammar_compiler, drafter)
+    return EngineComponents(platform, shard.attention_name, tokenizer, shard.hf_config,
+                            shard.dtype, shard.max_model_len,
+                            eos_token_ids(config, shard.hf_config, tokenizer), scheduler,
+                            runner, kv_cache_manager, grammar_compiler, executor, workers,
+                            drafter)
 
 
-def _build_runner(config: EngineConfig, registries: Registries, platform: Platform,
-                  model: torch.nn.Module, backend: AttentionBackend,
-                  limits: SchedulerLimits, grammar_compiler: GrammarCompiler,
-                  drafter: Drafter | None, vocab_size: int) -> ModelRunner:
+def select_executor(config: EngineConfig, registries: Registries,
+                    platform: Platform) -> Executor | None:
+    """``distributed_executor_backend`` (``auto``: ``mp`` for several ranks). One rank
+    with ``auto`` needs no executor: the model runs in this process, as with ``uni``."""
+    world_size = config.parallel.tensor_parallel_size
+    name = config.parallel.distributed_executor_backend
+    if name == "auto":
+        if world_size == 1:
+            return None
+        name = "mp"
+    executors = registries["executor"]
+    _, executor = select_component(executors, name, [name], executors.create,
+                                   lambda e: e.validate(world_size, platform.device_count()))
+    return executor
+
+
+def prepare_kv_caches(config: EngineConfig, shard: ModelShard, runner: ModelRunner,
+                      limits: SchedulerLimits, draft_specs: list[AttentionSpec],
+                      agree: Callable[[int], int] | None = None) -> int:
+    """Profile if the platform needs it, size the KV cache (``agree``: the smallest
+    size any tensor-parallel rank can hold) and give the runner its caches."""
+    if shard.platform.needs_profile_run:
+        # The KV cache gets what the largest step leaves free.
+        runner.profile_run(min(limits.max_num_batched_tokens, shard.max_model_len),
+                           limits.max_num_seqs)
+    spec = full_spec(shard.model.attention_spec(), config.cache.block_size, shard.platform)
+    num_blocks = resolve_num_blocks(config, shard.platform, spec,
+                                    shard.model.num_attention_layers(), shard.max_model_len,
+                                    draft_specs)
+    if agree is not None:
+        num_blocks = agree(num_blocks)
+    runner.initialize_kv_caches(allocate_kv_caches(shard, num_blocks, config.cache.block_size))
+    logger.info("KV cache: %d blocks of %d tokens", num_blocks, config.cache.block_size)
+    return num_blocks
+
+
+def build_runner(config: EngineConfig, registries: Registries, shard: ModelShard,
+                 limits: SchedulerLimits, fill_bitmasks: FillBitmasks = fill_one_by_one,
+                 drafter: Drafter | None = None) -> ModelRunner:
     block_size = config.cache.block_size
     buffers = InputBuffers(
         max_num_tokens=max(limits.max_num_batched_tokens, limits.max_num_seqs),
         max_num_seqs=limits.max_num_seqs,
         max_blocks_per_seq=-(-limits.max_model_len // block_size),
-        platform=platform)
+        platform=shard.platform)
     sampler = registries["sampler"].create(config.sampler)
-    return ModelRunner(model, backend, sampler, buffers, block_size, platform,
-                       grammar_compiler.fill_bitmasks, drafter,
-                       limits.num_speculative_tokens, vocab_size)
+    return ModelRunner(shard.model, shard.backend, sampler, buffers, block_size,
+                       shard.platform, fill_bitmasks, drafter, limits.num_speculative_tokens,
+                       shard.hf_config.vocab_size)
 
 
 def use_cuda_graphs(config: EngineConfig, platform: Platform, backend: AttentionBackend,
@@ -133,6 +185,10 @@ def use_cuda_graphs(config: EngineConfig, platform: Platform, backend: Attention
     every step, which captured decode graphs do not keep.
     """
     if config.model.enforce_eager:
+        return False
+    if config.parallel.tensor_parallel_size > 1:
+        # Every rank would have to capture (and replay) its collectives in step.
+        logger.info("CUDA graphs off: tensor_parallel_size > 1 runs eagerly for now")
         return False
     if drafter is not None and drafter.uses_target_hidden_states:
         logger.info("CUDA graphs off: drafter %r reads the target's hidden states",
@@ -147,53 +203,6 @@ def use_cuda_graphs(config: EngineConfig, platform: Platform, backend: Attention
     return True
 
 
-def _build_model(config: EngineConfig, registries: Registries, platform: Platform,
-                 hf_config: Any, dtype: torch.dtype) -> tuple[torch.nn.Module, str, AttentionBackend]:
-    architectures = getattr(hf_config, "architectures", None) or []
-    models = registries["model"]
-    architecture = next((a for a in architectures if a in models.components), None)
-    if architecture is None:
-        conflicts = [message for message in map(models.conflict_message, architectures)
-                     if message]
-        if conflicts:
-            raise PluginSelectionError(conflicts[0])
-        raise PluginSelectionError(
-            f"no model architecture registered for {architectures or 'this config'}; "
-            f"registered: {', '.join(models.names()) or 'none'}"
-            + "".join(f"; {problem}" for problem in models.problems()))
-    # The model reports its attention shape only once built, so build a probe
-    # spec from the config to choose the backend first.
-    probe = AttentionSpec(hf_config.num_attention_heads,
-                          getattr(hf_config, "num_key_value_heads", None)
-                          or hf_config.num_attention_heads,
-                          getattr(hf_config, "head_dim", None)
-                          or hf_config.hidden_size // hf_config.num_attention_heads,
-                          dtype, config.cache.block_size, platform.device().type)
-    attention = registries["attention"]
-    attention_name, backend = select_component(
-        attention, config.attention, platform.attention_candidates(), attention.create,
-        lambda b: b.validate(probe))
-    context = ModelContext(backend, dtype, platform.device(), config.cache.block_size)
-    with torch.device(platform.device()):
-        model = models.create(architecture, hf_config, context)
-    return model, attention_name, backend
-
-
-def _full_spec(spec: AttentionSpec, config: EngineConfig, platform: Platform) -> AttentionSpec:
-    return AttentionSpec(spec.num_heads, spec.num_kv_heads, spec.head_size, spec.dtype,
-                         config.cache.block_size, platform.device().type)
-
-
-def _at_model_path(config: EngineConfig, load: Callable[..., Any], *args: Any) -> Any:
-    """``load(*args)``, an OSError from any loader (a third-party one, a permission
-    problem) becoming a one-line ModelLoadError naming the model: the built-in loaders
-    name the exact file themselves."""
-    try:
-        return load(*args)
-    except OSError as exc:
-        raise ModelLoadError(config.model.model, describe_error(exc)) from exc
-
-
 def _load_tokenizer(loader: ModelLoader, config: EngineConfig) -> Any:
     if config.model.skip_tokenizer_init:
         return None
@@ -204,32 +213,6 @@ def _load_tokenizer(loader: ModelLoader, config: EngineConfig) -> Any:
             f"could not load a tokenizer for {config.model.tokenizer or config.model.model!r} "
             f"({describe_error(exc)}); set tokenizer to a tokenizer directory, or "
             "skip_tokenizer_init: true to pass prompt_token_ids only") from exc
-
-
-def resolve_dtype(requested: str, hf_config: Any, platform: Platform) -> torch.dtype:
-    supported = platform.supported_dtypes()
-    if requested != "auto":
-        dtype = _DTYPES[requested]
-        if dtype not in supported:
-            raise ValueError(f"dtype {requested!r} is not supported on platform "
-                             f"{platform.name!r}; supported: {supported}")
-        return dtype
-    config_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
-    if isinstance(config_dtype, str):
-        config_dtype = _DTYPES.get(config_dtype)
-    return config_dtype if config_dtype in supported else supported[0]
-
-
-def resolve_max_model_len(requested: int | None, hf_config: Any) -> int:
-    limit = getattr(hf_config, "max_position_embeddings", None)
-    if requested is None:
-        if limit is None:
-            raise ValueError("the model config has no max_position_embeddings; set max_model_len")
-        return int(limit)
-    if limit is not None and requested > limit:
-        raise ValueError(f"max_model_len {requested} exceeds the model's "
-                         f"max_position_embeddings {limit}")
-    return requested
 
 
 def resolve_scheduler_limits(config: EngineConfig, max_model_len: int,
@@ -248,33 +231,6 @@ def resolve_scheduler_limits(config: EngineConfig, max_model_len: int,
     lookahead = num_drafts if drafter is not None and drafter.uses_target_hidden_states else 0
     return SchedulerLimits(scheduler.max_num_seqs, budget, max_model_len,
                            scheduler.enable_chunked_prefill, num_drafts, lookahead)
-
-
-def resolve_num_blocks(config: EngineConfig, platform: Platform, spec: AttentionSpec,
-                       num_layers: int, max_model_len: int,
-                       extra_layers: list[AttentionSpec] | None = None) -> int:
-    """Blocks that fit the KV budget; each block holds a slice of every layer's cache,
-    the target's ``num_layers`` and ``extra_layers`` (a drafter's)."""
-    cache = config.cache
-    if cache.num_gpu_blocks_override is not None:
-        return cache.num_gpu_blocks_override
-    bytes_per_block = num_layers * _bytes_per_block(spec, cache.block_size) + sum(
-        _bytes_per_block(extra, cache.block_size) for extra in extra_layers or [])
-    budget = platform.kv_cache_memory_bytes(cache.kv_cache_memory_bytes,
-                                            cache.gpu_memory_utilization)
-    num_blocks = budget // bytes_per_block
-    # No point in more blocks than every sequence slot filled to max_model_len.
-    useful = config.scheduler.max_num_seqs * -(-max_model_len // cache.block_size)
-    num_blocks = min(num_blocks, useful)
-    if num_blocks < 1:
-        raise ValueError(f"the KV cache budget ({budget} bytes) is smaller than one block "
-                         f"({bytes_per_block} bytes); raise kv_cache_memory_bytes")
-    return int(num_blocks)
-
-
-def _bytes_per_block(spec: AttentionSpec, block_size: int) -> int:
-    element_size = torch.tensor([], dtype=spec.dtype).element_size()
-    return 2 * block_size * spec.num_kv_heads * spec.head_size * element_size
 
 
 def eos_token_ids(config: EngineConfig, hf_config: Any, tokenizer: Any) -> frozenset[int]:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from typing import Any
 
 from kvloom.config import EngineConfig, load_engine_config
+from kvloom.distributed.driver import WorkerFailedError
 from kvloom.engine.builder import EngineComponents, build_engine
 from kvloom.engine.engine_core import EngineCore
 from kvloom.failures import EngineStepError, RequestFailedError, describe_failure
@@ -42,12 +44,25 @@ class Engine:
         self.config = config
         self.plugin_manager = plugin_manager or make_plugin_manager(config.plugin_allowlist())
         self.registries = Registries(self.plugin_manager)
-        self.components: EngineComponents = build_engine(config, self.registries)
+        allowlist = config.plugin_allowlist()
+        self.components: EngineComponents = build_engine(
+            config, self.registries, tuple(allowlist) if allowlist is not None else None)
         components = self.components
+        # Tensor-parallel workers and the executor's processes end with the engine,
+        # even one that is dropped without shutdown().
+        stoppable = components.workers or components.executor
+        self._stop_workers = weakref.finalize(
+            self, stoppable.shutdown if stoppable is not None else lambda: None)
         self.tokenizer = components.tokenizer
         self.max_model_len = components.max_model_len
-        self.core = EngineCore(components.scheduler, components.runner,
-                               config.scheduler.async_scheduling)
+        async_scheduling = config.scheduler.async_scheduling
+        if async_scheduling and components.workers is not None:
+            # Workers get each step's token ids from the host; a step scheduled ahead
+            # holds tokens that are still on the driver's device.
+            logger.info("async scheduling off: tensor_parallel_size > 1 steps synchronously")
+            async_scheduling = False
+        self.core = EngineCore(components.scheduler, components.runner, async_scheduling,
+                               components.workers)
         limits = InputLimits(components.hf_config.vocab_size, components.max_model_len,
                              config.cache.block_size, components.kv_cache_manager.num_blocks)
         self.input_processor = InputProcessor(components.tokenizer, limits,
@@ -61,6 +76,8 @@ class Engine:
         # Model steps that failed since the last one that worked; a fault that
         # persists (a broken device) makes this grow and the server exit.
         self.num_consecutive_failed_steps = 0
+        # Set when the engine can never step again (a tensor-parallel worker died).
+        self.dead_error: Exception | None = None
 
     @classmethod
     def from_config(cls, source: str | os.PathLike | dict[str, Any] | EngineConfig,
@@ -145,6 +162,8 @@ class Engine:
         forget the prefix cache (the step may have left blocks half-written)."""
         logger.error("the model step failed; failing every request in flight", exc_info=error)
         self.num_consecutive_failed_steps += 1
+        if isinstance(error, WorkerFailedError):
+            self.dead_error = error
         message = describe_failure("the model step", error)
         request_ids = self.output_processor.request_ids()
         for request_id in request_ids:
@@ -200,8 +219,10 @@ class Engine:
         return self.core.has_unfinished_requests() or self.grammar_compiler.num_pending > 0
 
     def shutdown(self) -> None:
-        """Stop background work (grammar compilations) so the process can exit."""
+        """Stop background work (grammar compilations, tensor-parallel workers) so the
+        process can exit."""
         self.grammar_compiler.shutdown()
+        self._stop_workers()
 
     def get_stats(self) -> EngineStats:
         scheduler = self.core.scheduler

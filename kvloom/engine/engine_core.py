@@ -18,6 +18,7 @@ tokens are recorded, the drafter proposes the next step's drafts.
 
 from __future__ import annotations
 
+from kvloom.distributed.driver import DistributedWorkers
 from kvloom.request import Request, RequestStatus
 from kvloom.scheduler.scheduler import Scheduler
 from kvloom.spec_decode.proposing import DraftProposer
@@ -28,10 +29,13 @@ from kvloom.worker.model_runner import ModelRunner
 
 class EngineCore:
     def __init__(self, scheduler: Scheduler, runner: ModelRunner,
-                 async_scheduling: bool = False) -> None:
+                 async_scheduling: bool = False, workers: DistributedWorkers | None = None,
+                 ) -> None:
         self.scheduler = scheduler
         self.runner = runner
         self.async_scheduling = async_scheduling
+        # Tensor-parallel ranks 1..: each step's forward pass runs on them too.
+        self.workers = workers
         self.last_num_scheduled_tokens = 0
         self.in_flight: tuple[SchedulerOutput, PendingRunnerOutput] | None = None
         self.draft_proposer = (DraftProposer(scheduler, runner)
@@ -60,6 +64,8 @@ class EngineCore:
             self.in_flight[1].sample()
         launched = None
         if not scheduler_output.is_empty:
+            if self.workers is not None:
+                self.workers.send_step(scheduler_output)
             launched = (scheduler_output, self.runner.execute_async(scheduler_output))
         elif scheduler_output.finished_request_ids:
             self.runner.sampling_state.forget(scheduler_output.finished_request_ids)

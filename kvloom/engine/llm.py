@@ -30,6 +30,7 @@ _KWARG_TO_SECTION = {
     "scheduling_policy": ("scheduler", "policy"),
     "tensor_parallel_size": ("parallel", "tensor_parallel_size"),
     "pipeline_parallel_size": ("parallel", "pipeline_parallel_size"),
+    "distributed_executor_backend": ("parallel", "distributed_executor_backend"),
     "speculative_config": ("speculative", None),
 }
 

@@ -2,22 +2,32 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Protocol
 
 import torch
 
 from kvloom.interfaces.attention import AttentionBackend
+from kvloom.interfaces.parallel import SingleRank, TensorParallelGroup
 
 
 @dataclass(slots=True)
 class ModelContext:
-    """What a model needs from the engine at construction time."""
+    """What a model needs from the engine at construction time.
+
+    Attributes:
+        parallel: the tensor-parallel group the model is built in (added in API 1.1).
+            With ``size > 1`` the model holds only this rank's slice of every sharded
+            weight (heads, MLP columns, vocabulary), loads only that slice from the
+            full checkpoint tensors, and reduces or gathers through the group; its
+            ``attention_spec()`` then describes this rank's heads.
+    """
 
     attention_backend: AttentionBackend
     dtype: torch.dtype
     device: torch.device
     block_size: int
+    parallel: TensorParallelGroup = field(default_factory=SingleRank)
 
 
 class CausalLM(Protocol):

@@ -69,6 +69,8 @@ class Platform(ABC):
         needs_profile_run: ``kv_cache_memory_bytes(None, ...)`` subtracts the peak
             memory the allocator has seen, so the engine runs the largest step the
             scheduler can produce (``ModelRunner.profile_run``) before asking.
+        distributed_backend: the ``torch.distributed`` backend tensor-parallel ranks
+            on this platform's devices talk through (``"gloo"``, ``"nccl"``).
     """
 
     name: str = "unnamed"
@@ -76,6 +78,7 @@ class Platform(ABC):
     uses_pinned_memory: bool = False
     supports_cuda_graphs: bool = False
     needs_profile_run: bool = False
+    distributed_backend: str = "gloo"
 
     def validate(self) -> list[str]:
         """Reasons this platform cannot run on this machine; empty when it can."""
@@ -104,6 +107,16 @@ class Platform(ABC):
 
     def seed_everything(self, seed: int) -> None:
         torch.manual_seed(seed)
+
+    def device_count(self) -> int | None:
+        """How many of this platform's devices this machine has (None: not counted,
+        as for the CPU, where every rank shares the one device)."""
+        return None
+
+    def use_device(self, index: int) -> None:
+        """Make :meth:`device` this machine's ``index``-th device, for the process of
+        one tensor-parallel rank (called before anything is built; index 0 is what a
+        single-device engine uses). Default: there is one device, nothing to do."""
 
     def synchronize(self) -> None:
         """Wait for queued device work (no-op on the CPU)."""

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from kvloom.config import SpeculativeConfig
     from kvloom.interfaces.attention import AttentionBackend
     from kvloom.interfaces.drafter import Drafter, DrafterContext
+    from kvloom.interfaces.executor import Executor
     from kvloom.interfaces.loader import ModelLoader
     from kvloom.interfaces.model import ModelContext
     from kvloom.interfaces.platform import Platform
@@ -98,6 +99,14 @@ class StructuredOutputBackendFactory(Protocol):
     structured output."""
 
     def __call__(self, tokenizer: Any, vocab_size: int, /) -> StructuredOutputBackend: ...
+
+
+class ExecutorFactory(Protocol):
+    """``factory()``: called when the engine starts with
+    ``parallel.distributed_executor_backend: NAME`` (or ``auto``: ``uni`` for one rank,
+    ``mp`` for more)."""
+
+    def __call__(self) -> Executor: ...
 
 
 class TinyConfigFactory(Protocol):
@@ -166,6 +175,13 @@ class RegisterStructuredOutputBackend(Protocol):
     def __call__(self, name: str, factory: StructuredOutputBackendFactory) -> None: ...
 
 
+class RegisterExecutor(Protocol):
+    """The ``register`` callback of ``register_executors``; ``name`` is the
+    ``distributed_executor_backend`` that selects it."""
+
+    def __call__(self, name: str, factory: ExecutorFactory) -> None: ...
+
+
 # kind -> the register Protocol of its hook (kinds as in kvloom.registry.PLUGIN_KINDS)
 REGISTER_PROTOCOLS: dict[str, type] = {
     "platform": RegisterPlatform,
@@ -175,6 +191,7 @@ REGISTER_PROTOCOLS: dict[str, type] = {
     "sampler": RegisterSampler,
     "drafter": RegisterDrafter,
     "structured_output": RegisterStructuredOutputBackend,
+    "executor": RegisterExecutor,
 }
 
 
@@ -236,4 +253,5 @@ REGISTRATION_METADATA: Mapping[str, Mapping[str, MetadataKey]] = _frozen({
             "settings for its tiny target model (a draft checkpoint, say)"),
     },
     "structured_output": {},
+    "executor": {},
 })

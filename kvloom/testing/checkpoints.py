@@ -97,6 +97,34 @@ def make_tiny_qwen2_moe(path: str | Path, seed: int = 0, **config_overrides) -> 
     return save_random_checkpoint(path, config, tokenizer, seed)
 
 
+def make_tiny_llama(path: str | Path, **overrides) -> Path:
+    """A tiny random Llama checkpoint (GQA 4/2 heads unless ``overrides`` say otherwise),
+    its embeddings and lm_head spread so greedy choices are far from ties."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tokenizer(384)
+    settings = dict(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                    rms_norm_eps=1e-5, eos_token_id=tokenizer.eos_token_id,
+                    bos_token_id=tokenizer.eos_token_id, architectures=["LlamaForCausalLM"])
+    settings.update(overrides)
+    config = LlamaConfig(**settings)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).float()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() > 1:
+                param.normal_(0.0, 0.1, generator=generator)
+        model.get_input_embeddings().weight.normal_(0.0, 1.0, generator=generator)
+        if not config.tie_word_embeddings:
+            model.get_output_embeddings().weight.normal_(0.0, 1.0, generator=generator)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return Path(path)
+
+
 def save_random_checkpoint(path: str | Path, config, tokenizer=None, seed: int = 0,
                            num_shards: int = 1) -> Path:
     """Write any transformers causal-LM config's randomly initialised model (float32,

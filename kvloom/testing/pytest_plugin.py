@@ -28,6 +28,7 @@ COMPONENT_ARGUMENTS = {
     "sampler_component": "sampler",
     "drafter_component": "drafter",
     "structured_output_component": "structured_output",
+    "executor_component": "executor",
 }
 PLUGIN_ARGUMENT = "plugin_info"  # one selected plugin's PluginInfo
 SUITE_DIR = Path(__file__).resolve().parent

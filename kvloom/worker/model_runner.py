@@ -102,6 +102,19 @@ class ModelRunner:
         return self._sample(rows, logits)
 
     @torch.inference_mode()
+    def run_forward(self, scheduled: list[ScheduledRequest]) -> None:
+        """A step's forward pass and logits, without sampling: what a tensor-parallel
+        worker runs while the driver samples (the model's collectives need every rank,
+        the logits' gather included)."""
+        if not scheduled:
+            return
+        hidden_states, inputs = self._run_model(scheduled)
+        if isinstance(hidden_states, tuple):  # (hidden states, EAGLE-3 auxiliary layers)
+            hidden_states = hidden_states[0]
+        if inputs.sampled_rows:
+            self.model.compute_logits(hidden_states[inputs.logits_indices])
+
+    @torch.inference_mode()
     def _sample(self, rows: list[ScheduledRequest], logits: torch.Tensor,
                 mask_fill: MaskFill | None = None) -> PendingRunnerOutput:
         errors: dict[str, str] = {}

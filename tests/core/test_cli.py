@@ -60,9 +60,11 @@ def test_plugins_lists_every_builtin():
     for name, module in builtins.items():
         mine = [row for row in rows if row["PLUGIN"] == name]
         assert mine, f"plugin {name} is not listed:\n{out}"
+        declared = importlib.import_module(module).KVLOOM_PLUGIN_API
+        assert declared in (">=1.0,<2", ">=1.1,<2"), (module, declared)
         for row in mine:
             assert (row["MODULE"], row["DISTRIBUTION"], row["VERSION"], row["API"],
-                    row["STATUS"]) == (module, "kvloom", version, ">=1.0,<2", "ok"), row
+                    row["STATUS"]) == (module, "kvloom", version, declared, "ok"), row
     kinds_names = {(row["KIND"], row["NAME"]) for row in rows}
     assert {("platform", "cpu"), ("attention", "torch"), ("model", "Qwen2ForCausalLM"),
             ("loader", "safetensors"), ("loader", "dummy"), ("sampler", "default")} <= kinds_names

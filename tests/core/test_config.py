@@ -161,8 +161,9 @@ def test_model_is_required():
     ({"cache": {"gpu_memory_utilization": 0}}, "cache.gpu_memory_utilization"),
     ({"cache": {"num_gpu_blocks_override": 0}}, "cache.num_gpu_blocks_override"),
     ({"cache": {"enable_prefix_caching": "sometimes"}}, "cache.enable_prefix_caching"),
-    ({"parallel": {"tensor_parallel_size": 2}}, "parallel.tensor_parallel_size"),
+    ({"parallel": {"tensor_parallel_size": 0}}, "parallel.tensor_parallel_size"),
     ({"parallel": {"pipeline_parallel_size": 0}}, "parallel.pipeline_parallel_size"),
+    ({"parallel": {"pipeline_parallel_size": 2}}, "parallel.pipeline_parallel_size"),
     ({"scheduler": {"max_num_seqs": 0}}, "scheduler.max_num_seqs"),
     ({"scheduler": {"max_num_batched_tokens": -1}}, "scheduler.max_num_batched_tokens"),
     ({"scheduler": {"policy": "lifo"}}, "scheduler.policy"),
@@ -230,7 +231,13 @@ def test_llm_kwarg_values_are_validated_naming_the_field():
     with pytest.raises(ValueError, match="cache.block_size"):
         engine_config_from_kwargs("m", block_size=0)
     with pytest.raises(ValueError, match="parallel.tensor_parallel_size"):
-        engine_config_from_kwargs("m", tensor_parallel_size=2)
+        engine_config_from_kwargs("m", tensor_parallel_size=0)
+    with pytest.raises(ValueError, match="pipeline parallelism is not supported"):
+        engine_config_from_kwargs("m", pipeline_parallel_size=2)
+    config = engine_config_from_kwargs("m", tensor_parallel_size=2,
+                                       distributed_executor_backend="mp")
+    assert (config.parallel.tensor_parallel_size,
+            config.parallel.distributed_executor_backend) == (2, "mp")
 
 
 def test_unknown_llm_kwarg_fails_listing_valid_keys():

@@ -219,6 +219,10 @@ class RecordingPlugin:
     def register_structured_output_backends(self, register):
         register("rec_xgrammar", self.wrap("structured_output", "xgrammar"))
 
+    @hookimpl
+    def register_executors(self, register):
+        register("rec_uni", self.wrap("executor", "uni"))
+
 
 def check_call_matches(protocol: type, args: tuple, kwargs: dict, result) -> None:
     signature = inspect.signature(protocol.__call__)
@@ -241,6 +245,7 @@ def test_the_core_calls_every_factory_as_its_protocol_says(tiny_qwen2):
     llm = LLM(str(tiny_qwen2), plugin_manager=manager, dtype="float32", max_model_len=64,
               platform="rec_cpu", attention="rec_torch", load_format="rec_safetensors",
               sampler="rec_default", structured_output="rec_xgrammar",
+              distributed_executor_backend="rec_uni",
               speculative_config={"method": "rec_ngram", "num_speculative_tokens": 2})
     params = SamplingParams(temperature=0, max_tokens=8, structured_outputs=(
         StructuredOutputsParams(choice=["yes", "no"])))

@@ -3,36 +3,10 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from kvloom import LLM, SamplingParams
-from kvloom.testing.checkpoints import build_tokenizer
+from kvloom.testing.checkpoints import make_tiny_llama
 from kvloom.testing.reference import hf_greedy_generate
-
-
-def make_tiny_llama(path, **overrides):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = build_tokenizer(384)
-    settings = dict(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                    rms_norm_eps=1e-5, eos_token_id=tokenizer.eos_token_id,
-                    bos_token_id=tokenizer.eos_token_id, architectures=["LlamaForCausalLM"])
-    settings.update(overrides)
-    config = LlamaConfig(**settings)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).float()
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() > 1:
-                param.normal_(0.0, 0.1, generator=generator)
-        model.get_input_embeddings().weight.normal_(0.0, 1.0, generator=generator)
-        if not config.tie_word_embeddings:
-            model.get_output_embeddings().weight.normal_(0.0, 1.0, generator=generator)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,

@@ -19,7 +19,8 @@ def register_platforms(register):
 
 
 class CudaPlatform(Platform):
-    """One CUDA device (``cuda:0``).
+    """One CUDA device per process (``cuda:0``, or the rank's device under tensor
+    parallelism; ranks talk through NCCL).
 
     The KV cache gets ``gpu_memory_utilization`` of the device's total memory
     minus what the weights, the profiling forward pass's peak activations and
@@ -31,6 +32,10 @@ class CudaPlatform(Platform):
     supports_cuda_graphs = True
     uses_pinned_memory = True
     needs_profile_run = True  # kv_cache_memory_bytes subtracts max_memory_allocated()
+    distributed_backend = "nccl"
+
+    def __init__(self) -> None:
+        self.index = 0
 
     def validate(self) -> list[str]:
         if not torch.cuda.is_available():
@@ -38,7 +43,14 @@ class CudaPlatform(Platform):
         return []
 
     def device(self) -> torch.device:
-        return torch.device("cuda", 0)
+        return torch.device("cuda", self.index)
+
+    def device_count(self) -> int | None:
+        return torch.cuda.device_count()
+
+    def use_device(self, index: int) -> None:
+        self.index = index
+        torch.cuda.set_device(index)  # NCCL and the allocator act on the current device
 
     def supported_dtypes(self) -> list[torch.dtype]:
         if torch.cuda.is_bf16_supported():
