@@ -205,6 +205,8 @@ class AsyncEngine:
                         raise EngineDeadError(f"{MAX_CONSECUTIVE_FAILED_STEPS} model steps "
                                               "failed in a row")
                 else:
+                    if self.engine.check_workers() is not None:  # a worker died while idle
+                        raise EngineDeadError(str(self.engine.dead_error))
                     if drained:  # aborts freed blocks with no step after them
                         self._publish_stats()
                     self._wake.wait(0.05)

@@ -215,6 +215,17 @@ class Engine:
             self.core.finish_requests(sequence_ids, RequestStatus.FINISHED_ABORTED)
             self.output_processor.abort_request(rid)
 
+    def check_workers(self) -> Exception | None:
+        """The engine's fatal error, if a tensor-parallel worker has died (cheap: asks
+        the executor, no collective)."""
+        workers = self.components.workers
+        if self.dead_error is None and workers is not None:
+            try:
+                workers.check_alive()
+            except WorkerFailedError as error:
+                self.dead_error = error
+        return self.dead_error
+
     def has_unfinished_requests(self) -> bool:
         return self.core.has_unfinished_requests() or self.grammar_compiler.num_pending > 0
 

@@ -66,6 +66,14 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
         kind = int if name == "max_model_len" else str
         parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None,
                             help=help_text)
+    # vLLM's names, -tp included, so a vLLM command line works unchanged.
+    parser.add_argument("-tp", "--tensor-parallel-size", type=int, default=None,
+                        help="split the model over this many devices (ranks) "
+                             "(default: the engine.yaml's, else 1)")
+    parser.add_argument("--distributed-executor-backend", default=None,
+                        help="what runs the ranks: uni, mp (a process per rank on this "
+                             "machine), ray, or a plugin's (default: the engine.yaml's, "
+                             "else auto: mp for several ranks)")
 
 
 def add_sampling_flags(parser: argparse.ArgumentParser, defaults: dict | None = None) -> None:
@@ -125,7 +133,18 @@ def engine_config_from_args(args: argparse.Namespace):
         # module imports the engine and with it torch.
         config = EngineConfig.from_dict({"model": model, **engine_overrides(args)})
         check_model_paths(config)
+    parallel = parallel_overrides(args)
+    if parallel:
+        config = EngineConfig.model_validate(
+            {**config.model_dump(), "parallel": {**config.parallel.model_dump(), **parallel}})
     return config
+
+
+def parallel_overrides(args: argparse.Namespace) -> dict:
+    overrides = {"tensor_parallel_size": getattr(args, "tensor_parallel_size", None),
+                 "distributed_executor_backend":
+                     getattr(args, "distributed_executor_backend", None)}
+    return {key: value for key, value in overrides.items() if value is not None}
 
 
 def _config_from_yaml(path: Path, overrides: dict):

@@ -188,3 +188,23 @@ def test_the_uni_executor_refuses_several_ranks(checkpoints):
     with pytest.raises(ValueError, match="needs distributed_executor_backend mp or ray"):
         LLM(str(checkpoints["qwen2"]), tensor_parallel_size=2,
             distributed_executor_backend="uni", **SETTINGS)
+
+
+def test_an_idle_engine_notices_a_dead_worker(checkpoints):
+    from kvloom.engine.async_engine import AsyncEngine
+
+    llm = tensor_parallel_llm(checkpoints["qwen2"], 2)
+    pids = worker_pids(llm)
+    async_engine = AsyncEngine(llm.engine)
+    async_engine.start()
+    try:
+        assert async_engine.is_healthy
+        os.kill(pids[0], signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while async_engine.is_healthy and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not async_engine.is_healthy, "/health would still say ok"
+        assert "rank 1" in str(async_engine.dead_error)
+    finally:
+        async_engine.shutdown()
+    assert_exited(pids)
