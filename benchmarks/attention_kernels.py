@@ -3,7 +3,7 @@
 Batch 1/16/64/256 and context 512-8192, GQA 28/4 heads of 128 (qwen2-7b), bf16,
 block size 16, random block tables. Bytes counted: every K and V element read
 once, plus the query and output. The same table prints PyTorch SDPA on the same
-data laid out contiguously (unpaged), the peer figure BENCHMARKS.md names.
+data laid out contiguously (unpaged), the peer figure docs/benchmarks.md reports.
 
     python benchmarks/attention_kernels.py
 """

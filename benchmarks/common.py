@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmarks: model configs and workloads from BENCHMARKS.md."""
+"""Shared pieces of the benchmarks: model configs and workloads (docs/benchmarks.md describes them)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ MODEL_CONFIGS = {
                               num_key_value_heads=16, tie_word_embeddings=False),
 }
 
-# Physical ceilings of the throughput workload (out tok/s), from BENCHMARKS.md.
+# Physical ceilings of the throughput workload (out tok/s), as docs/benchmarks.md gives them.
 CEILINGS = {("qwen2-7b", "H200"): 17300, ("qwen2-7b", "H100"): 13600,
             ("qwen2-0.5b", "H200"): 175000}
 

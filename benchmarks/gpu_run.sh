@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session: install, GPU tests, kernel benchmark, latency, throughput (with HF);
 # STEPS=conformance runs the plugin conformance suite on the GPU.
-# Usage on the device machine (carry .whl):  bash benchmarks/gpu_run.sh [MODEL ...]
+# Usage on a GPU machine without network (extra wheels in .whl/):  bash benchmarks/gpu_run.sh [MODEL ...]
 # The structured step needs a tokenizer directory (carry .bench-tokenizer: SmolLM2's
 # tokenizer.json + tokenizer_config.json).
 # Results and logs go to $OUT (or ./gpu-out).

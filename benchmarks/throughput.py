@@ -30,7 +30,9 @@ def run_kvloom(config_dir: Path, prompts, output_lens, args) -> dict:
               skip_tokenizer_init=True, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens,
               gpu_memory_utilization=args.gpu_memory_utilization,
-              enforce_eager=args.enforce_eager or None)
+              enforce_eager=args.enforce_eager or None,
+              tensor_parallel_size=args.tensor_parallel_size,
+              distributed_executor_backend=args.distributed_executor_backend)
     build_seconds = time.perf_counter() - started
     warmup = [{"prompt_token_ids": p[:64]} for p in prompts[:8]]
     llm.generate(warmup, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
@@ -42,6 +44,7 @@ def run_kvloom(config_dir: Path, prompts, output_lens, args) -> dict:
     num_output = sum(len(o.outputs[0].token_ids) for o in outputs)
     assert num_output == sum(output_lens), "kvloom produced the wrong number of tokens"
     stats = llm.engine.get_stats()
+    llm.engine.shutdown()
     result = {"engine": "kvloom", "seconds": seconds, "output_tokens": num_output,
               "tok_per_s": num_output / seconds, "build_seconds": build_seconds,
               "num_kv_blocks": stats.num_total_blocks, "preemptions": stats.num_preemptions}
@@ -51,7 +54,7 @@ def run_kvloom(config_dir: Path, prompts, output_lens, args) -> dict:
 
 
 def run_hf(config_dir: Path, prompts, output_lens, args) -> dict:
-    """HF continuous batching, as BENCHMARKS.md describes (paged|sdpa, CUDA graphs on)."""
+    """HF continuous batching, the peer docs/benchmarks.md describes (paged|sdpa, CUDA graphs on)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
@@ -111,6 +114,9 @@ def main() -> None:
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("-tp", "--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--distributed-executor-backend", default="auto",
+                        help="uni, mp, ray (default auto: uni for one rank)")
     parser.add_argument("--hf-memory-percent", type=float, default=None,
                         help="HF's max_memory_percent for its paged cache (default: HF's own)")
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
