@@ -7,7 +7,7 @@ factories, i.e. when a config selects them.
 
 from kvloom import hookimpl
 
-KVLOOM_PLUGIN_API = ">=1.0,<2"  # the kvloom plugin API versions this module supports
+KVLOOM_PLUGIN_API = ">=1.1,<2"  # the kvloom plugin API versions this module supports (1.1: executors)
 
 
 def _make_fast_nucleus():
@@ -30,3 +30,14 @@ def register_samplers(register):
 @hookimpl
 def register_attention_backends(register):
     register("sdpa_batched", _make_sdpa_batched)
+
+
+def _make_nice():
+    from kvloom_plugin_example.executor import NiceExecutor
+
+    return NiceExecutor()
+
+
+@hookimpl
+def register_executors(register):
+    register("nice", _make_nice)
