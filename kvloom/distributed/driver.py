@@ -64,8 +64,12 @@ class DistributedWorkers:
         workers = cls(executor, store, world_size, platform.distributed_backend)
         logger.info("starting %d tensor-parallel workers with executor %r (rendezvous %s:%d)",
                     world_size - 1, executor.name, host, store.port)
-        executor.launch(WorkerLaunch(run_worker, world_size, host, store.port,
-                                     config.model_dump(), plugin_allowlist))
+        try:
+            executor.launch(WorkerLaunch(run_worker, world_size, host, store.port,
+                                         config.model_dump(), plugin_allowlist))
+        except BaseException:
+            executor.shutdown()  # whatever it started before failing
+            raise
         return workers
 
     def join(self, timeout_s: float = START_TIMEOUT_S) -> None:

@@ -31,6 +31,7 @@ _KWARG_TO_SECTION = {
     "tensor_parallel_size": ("parallel", "tensor_parallel_size"),
     "pipeline_parallel_size": ("parallel", "pipeline_parallel_size"),
     "distributed_executor_backend": ("parallel", "distributed_executor_backend"),
+    "ray_address": ("parallel", "ray_address"),
     "speculative_config": ("speculative", None),
 }
 
