@@ -90,12 +90,14 @@ def _build_model(config: EngineConfig, registries: Registries, platform: Platfor
             f"registered: {', '.join(models.names()) or 'none'}"
             + "".join(f"; {problem}" for problem in models.problems()))
     # The model reports its attention shape only once built, so build a probe
-    # spec from the config to choose the backend first.
-    probe = AttentionSpec(hf_config.num_attention_heads,
-                          getattr(hf_config, "num_key_value_heads", None)
-                          or hf_config.num_attention_heads,
+    # spec from the config to choose the backend first: this rank's heads (a KV head
+    # is repeated on several ranks when there are fewer than ranks).
+    num_heads = hf_config.num_attention_heads
+    num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or num_heads
+    probe = AttentionSpec(max(1, num_heads // parallel.size),
+                          max(1, num_kv_heads // parallel.size),
                           getattr(hf_config, "head_dim", None)
-                          or hf_config.hidden_size // hf_config.num_attention_heads,
+                          or hf_config.hidden_size // num_heads,
                           dtype, config.cache.block_size, platform.device().type)
     attention = registries["attention"]
     attention_name, backend = select_component(

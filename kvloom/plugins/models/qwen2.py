@@ -1,4 +1,9 @@
-"""Qwen2ForCausalLM: qkv bias, GQA, RoPE, RMSNorm, SiLU MLP, optionally tied embeddings."""
+"""Qwen2ForCausalLM: qkv bias, GQA, RoPE, RMSNorm, SiLU MLP, optionally tied embeddings.
+
+Built in ``context.parallel``: with tensor parallelism each rank holds its slice of the
+heads, MLP columns and vocabulary (layers/parallel.py), one all-reduce after the
+attention and one after the MLP of every layer.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +15,14 @@ from torch import nn
 from kvloom.hookspecs import hookimpl
 from kvloom.interfaces.attention import AttentionSpec
 from kvloom.interfaces.model import ModelContext
+from kvloom.interfaces.parallel import SingleRank, TensorParallelGroup
 from kvloom.plugins.models.layers.activation import silu_and_mul
 from kvloom.plugins.models.layers.attention import PagedAttention
-from kvloom.plugins.models.layers.linear import Linear
 from kvloom.plugins.models.layers.norm import RMSNorm
+from kvloom.plugins.models.layers.parallel import (MergedColumnParallelLinear, ParallelLMHead,
+                                                   QKVParallelLinear, RowParallelLinear,
+                                                   VocabParallelEmbedding, check_attention_heads,
+                                                   divide)
 from kvloom.plugins.models.layers.rotary import RotaryEmbedding, rope_scaling_of, rope_theta_of
 from kvloom.plugins.models.layers.weights import (StackedShard, load_weights_by_name,
                                                   require_filled)
@@ -40,18 +49,24 @@ def head_size_of(config) -> int:
 
 
 class Qwen2Attention(nn.Module):
+    """Attention over this rank's heads: ``num_heads`` / ``num_kv_heads`` and the q/kv
+    sizes are per rank (the whole model's with one rank)."""
+
     def __init__(self, config, context: ModelContext, layer_index: int, qkv_bias: bool = True,
                  o_proj_bias: bool = False):
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
+        parallel = context.parallel
         self.head_size = head_size_of(config)
-        self.q_size = self.num_heads * self.head_size
-        self.kv_size = self.num_kv_heads * self.head_size
         dtype = context.dtype
-        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size,
-                                  bias=qkv_bias, dtype=dtype)
-        self.o_proj = Linear(self.q_size, config.hidden_size, bias=o_proj_bias, dtype=dtype)
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_size,
+                                          config.num_attention_heads,
+                                          num_kv_heads_of(config), parallel,
+                                          bias=qkv_bias, dtype=dtype)
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
+        self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_size,
+                                        config.hidden_size, parallel, bias=o_proj_bias,
+                                        dtype=dtype, what="num_attention_heads * head_dim")
         self.rotary_emb = RotaryEmbedding(self.head_size, rope_theta_of(config),
                                           config.max_position_embeddings)
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_size,
@@ -69,10 +84,24 @@ class Qwen2Attention(nn.Module):
 
 
 class GatedMLP(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int, dtype: torch.dtype):
+    """down(silu(gate(x)) * up(x)), gate/up column- and down row-parallel.
+
+    Args:
+        reduce_results: False returns this rank's partial sum for the caller to reduce.
+        what: the config field named when tensor parallelism cannot split it.
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, dtype: torch.dtype,
+                 parallel: TensorParallelGroup | None = None, reduce_results: bool = True,
+                 what: str = "intermediate_size"):
         super().__init__()
-        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, bias=False, dtype=dtype)
-        self.down_proj = Linear(intermediate_size, hidden_size, bias=False, dtype=dtype)
+        parallel = parallel or SingleRank()
+        self.gate_up_proj = MergedColumnParallelLinear(
+            hidden_size, [intermediate_size] * 2, ["gate_proj", "up_proj"], parallel,
+            dtype=dtype, what=what)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, parallel,
+                                           dtype=dtype, reduce_results=reduce_results,
+                                           what=what)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
@@ -85,13 +114,14 @@ class Qwen2DecoderLayer(nn.Module):
         super().__init__()
         dtype = context.dtype
         self.self_attn = self.attention_cls(config, context, layer_index)
-        self.mlp = self.make_mlp(config, dtype, layer_index)
+        self.mlp = self.make_mlp(config, context, layer_index)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
     @staticmethod
-    def make_mlp(config, dtype: torch.dtype, layer_index: int) -> nn.Module:
-        return GatedMLP(config.hidden_size, config.intermediate_size, dtype)
+    def make_mlp(config, context: ModelContext, layer_index: int) -> nn.Module:
+        return GatedMLP(config.hidden_size, config.intermediate_size, context.dtype,
+                        context.parallel)
 
     def forward(self, positions, hidden_states, residual, kv_caches, metadata):
         hidden_states, residual = self.input_layernorm(hidden_states, residual)
@@ -103,7 +133,8 @@ class Qwen2DecoderLayer(nn.Module):
 class Qwen2Model(nn.Module):
     def __init__(self, config, context: ModelContext, layer_cls=Qwen2DecoderLayer):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=context.dtype)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size,
+                                                   context.parallel, dtype=context.dtype)
         self.layers = nn.ModuleList(
             layer_cls(config, context, index) for index in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, context.dtype)
@@ -132,18 +163,27 @@ class Qwen2ForCausalLM(nn.Module):
     def __init__(self, hf_config, context: ModelContext):
         super().__init__()
         self.check_supported(hf_config)
+        self.check_tensor_parallel(hf_config, context.parallel.size)
         self.config = hf_config
         self.context = context
         self.model = self.model_cls(hf_config, context)
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
-        self.lm_head = Linear(hf_config.hidden_size, hf_config.vocab_size, bias=False,
-                                 dtype=context.dtype)
+        self.lm_head = ParallelLMHead(hf_config.hidden_size, hf_config.vocab_size,
+                                      context.parallel, dtype=context.dtype)
         if self.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+            self.lm_head.tie_to(self.model.embed_tokens)
 
     @staticmethod
     def check_supported(hf_config) -> None:
         check_supported(hf_config)
+
+    @staticmethod
+    def check_tensor_parallel(hf_config, parallel_size: int) -> None:
+        """Refuse, before allocating anything, a tensor-parallel size that does not
+        split the heads and the MLP evenly (the vocabulary is padded instead)."""
+        check_attention_heads(hf_config.num_attention_heads, num_kv_heads_of(hf_config),
+                              parallel_size)
+        divide(hf_config.intermediate_size, parallel_size, "intermediate_size")
 
     def forward(self, input_ids, positions, kv_caches, attn_metadata) -> torch.Tensor:
         return self.model(input_ids, positions, kv_caches, attn_metadata)
@@ -171,11 +211,14 @@ class Qwen2ForCausalLM(nn.Module):
 
     def load_named_weights(self, weights: Iterable[tuple[str, torch.Tensor]],
                            filled: set[tuple[str, str | None]]) -> set[str]:
-        """Copy the tensors in, recording what was filled; subclasses map other names."""
-        attention = self.model.layers[0].self_attn
-        sizes = {"qkv_proj": [attention.q_size, attention.kv_size, attention.kv_size]}
+        """Copy the tensors in (this rank's slice of each, through the parameters'
+        shard specs), recording what was filled; subclasses map other names."""
         skip = {"lm_head.weight"} if self.tie_word_embeddings else set()
-        return load_weights_by_name(self, weights, STACKED_SHARDS, sizes, skip, filled)
+        return load_weights_by_name(self, weights, STACKED_SHARDS, {}, skip, filled)
+
+
+def num_kv_heads_of(config) -> int:
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
 
 
 def check_supported(hf_config) -> None:

@@ -4,6 +4,11 @@ A decoder layer is sparse when it is not in ``mlp_only_layers`` and its
 1-based index is a multiple of ``decoder_sparse_step``; the others keep a dense
 gated MLP of ``intermediate_size``. A sparse block routes every token to its
 top-k experts and adds a shared expert scaled by a sigmoid gate.
+
+Under tensor parallelism the router and the shared expert's gate are replicated,
+each expert and the shared expert hold a slice of their intermediate dimension, and
+the block all-reduces once: routed + sigmoid(g) * shared is linear in the experts'
+partial sums, and g is the same on every rank.
 """
 
 from __future__ import annotations
@@ -18,8 +23,10 @@ from kvloom.hookspecs import hookimpl
 from kvloom.interfaces.model import ModelContext
 from kvloom.plugins.models.layers.linear import Linear
 from kvloom.plugins.models.layers.moe import FusedExperts, route_top_k
+from kvloom.plugins.models.layers.parallel import check_attention_heads, divide
+from kvloom.plugins.models.layers.weights import copy_shard
 from kvloom.plugins.models.qwen2 import (GatedMLP, Qwen2Attention, Qwen2DecoderLayer,
-                                         Qwen2ForCausalLM, Qwen2Model)
+                                         Qwen2ForCausalLM, Qwen2Model, num_kv_heads_of)
 from kvloom.plugins.models.qwen2 import check_supported as check_qwen2_supported
 
 KVLOOM_PLUGIN_API = ">=1.0,<2"  # the kvloom plugin API versions this module supports
@@ -40,22 +47,26 @@ def is_sparse_layer(config, layer_index: int) -> bool:
 class Qwen2MoeSparseBlock(nn.Module):
     """Router, routed experts and the gated shared expert of one layer."""
 
-    def __init__(self, config, dtype: torch.dtype):
+    def __init__(self, config, context: ModelContext):
         super().__init__()
+        dtype, parallel = context.dtype, context.parallel
+        self.parallel = parallel
         self.top_k = config.num_experts_per_tok
         self.renormalize = bool(config.norm_topk_prob)
         self.gate = Linear(config.hidden_size, config.num_experts, bias=False, dtype=dtype)
         self.experts = FusedExperts(config.num_experts, config.hidden_size,
-                                    config.moe_intermediate_size, dtype)
+                                    config.moe_intermediate_size, dtype, parallel)
         self.shared_expert = GatedMLP(config.hidden_size, config.shared_expert_intermediate_size,
-                                      dtype)
+                                      dtype, parallel, reduce_results=False,
+                                      what="shared_expert_intermediate_size")
         self.shared_expert_gate = Linear(config.hidden_size, 1, bias=False, dtype=dtype)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         routing = route_top_k(self.gate(hidden_states), self.top_k, self.renormalize)
         routed = self.experts(hidden_states, routing)
         shared = self.shared_expert(hidden_states)
-        return routed + torch.sigmoid(self.shared_expert_gate(hidden_states)) * shared
+        out = routed + torch.sigmoid(self.shared_expert_gate(hidden_states)) * shared
+        return self.parallel.all_reduce(out)  # partial sums until here
 
 
 class Qwen2MoeAttention(Qwen2Attention):
@@ -69,10 +80,11 @@ class Qwen2MoeDecoderLayer(Qwen2DecoderLayer):
     attention_cls = Qwen2MoeAttention
 
     @staticmethod
-    def make_mlp(config, dtype: torch.dtype, layer_index: int) -> nn.Module:
+    def make_mlp(config, context: ModelContext, layer_index: int) -> nn.Module:
         if is_sparse_layer(config, layer_index):
-            return Qwen2MoeSparseBlock(config, dtype)
-        return GatedMLP(config.hidden_size, config.intermediate_size, dtype)
+            return Qwen2MoeSparseBlock(config, context)
+        return GatedMLP(config.hidden_size, config.intermediate_size, context.dtype,
+                        context.parallel)
 
 
 class Qwen2MoeModel(Qwen2Model):
@@ -95,6 +107,19 @@ class Qwen2MoeForCausalLM(Qwen2ForCausalLM):
                 hf_config.num_experts:
             raise ValueError(f"num_experts_per_tok={hf_config.num_experts_per_tok} must be in "
                              f"1..num_experts ({hf_config.num_experts})")
+
+    @staticmethod
+    def check_tensor_parallel(hf_config, parallel_size: int) -> None:
+        """The heads, and the intermediate size of every MLP the layers have, must
+        split evenly over the ranks."""
+        check_attention_heads(hf_config.num_attention_heads, num_kv_heads_of(hf_config),
+                              parallel_size)
+        layers = range(hf_config.num_hidden_layers)
+        if any(is_sparse_layer(hf_config, index) for index in layers):
+            for what in ("moe_intermediate_size", "shared_expert_intermediate_size"):
+                divide(getattr(hf_config, what), parallel_size, what)
+        if not all(is_sparse_layer(hf_config, index) for index in layers):
+            divide(hf_config.intermediate_size, parallel_size, "intermediate_size")
 
     def load_named_weights(self, weights: Iterable[tuple[str, torch.Tensor]],
                            filled: set[tuple[str, str | None]]) -> set[str]:
@@ -134,14 +159,10 @@ class PerExpertLoader:
         if expert >= stacked.shape[0]:
             raise ValueError(f"checkpoint tensor {name!r} is for expert {expert}, but the "
                              f"config has num_experts={stacked.shape[0]}")
-        destination = stacked.data[expert]
-        if proj != "down_proj":
-            half = destination.shape[0] // 2
-            destination = destination[:half] if proj == "gate_proj" else destination[half:]
-        if destination.shape != tensor.shape:
-            raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
-                             f"expected {tuple(destination.shape)}")
-        destination.copy_(tensor)
+        # The stacked parameter's shard spec slices one expert's tensor too (this
+        # rank's intermediate rows of gate/up, columns of down).
+        copy_shard(stacked.data[expert], tensor, stacked.shard_spec,
+                   None if proj == "down_proj" else proj, name)
         self.consumed.add(name)
         self._seen.setdefault(experts, set()).add((expert, proj))
 

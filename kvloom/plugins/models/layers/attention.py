@@ -12,7 +12,11 @@ from kvloom.interfaces.model import ModelContext
 
 
 class PagedAttention(nn.Module):
-    """Backend-agnostic attention over the paged KV cache for one layer."""
+    """Backend-agnostic attention over the paged KV cache for one layer.
+
+    ``num_heads`` and ``num_kv_heads`` are this rank's under tensor parallelism, so
+    ``spec`` (which the engine sizes each rank's KV cache from) holds only its heads.
+    """
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_size: int,
                  context: ModelContext, layer_index: int, scale: float | None = None) -> None:

@@ -9,6 +9,10 @@ projection, in the layout HF transformers 5 uses for fused experts:
 On CUDA the experts run as the fused Triton grouped GEMMs of ``fused_moe``; on
 the CPU as a per-expert loop in PyTorch, which is also the reference the kernel
 is checked against.
+
+Under tensor parallelism every rank holds every expert, each with a slice of its
+intermediate dimension (gate and up rows, down columns), and returns a partial sum
+that the caller all-reduces (once, with the shared expert's).
 """
 
 from __future__ import annotations
@@ -18,6 +22,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from kvloom.interfaces.parallel import SingleRank, TensorParallelGroup
+from kvloom.plugins.models.layers.parallel import split_part
+from kvloom.plugins.models.layers.weights import ShardSpec, set_shard_spec
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,20 +70,31 @@ def experts_reference(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor,
 
 
 class FusedExperts(nn.Module):
-    """The stacked weights of ``num_experts`` SiLU gated MLPs and their forward pass."""
+    """The stacked weights of ``num_experts`` SiLU gated MLPs and their forward pass.
+
+    With a ``parallel`` group of several ranks the weights are this rank's slice of
+    each expert's intermediate dimension and ``forward`` returns a partial sum.
+    """
 
     # The Triton kernel on CPU tensors, for tests under TRITON_INTERPRET=1.
     triton_on_cpu = False
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, parallel: TensorParallelGroup | None = None):
         super().__init__()
+        parallel = parallel or SingleRank()
+        what = "moe_intermediate_size"
+        gate = split_part("gate_proj", intermediate_size, parallel, what)
+        up = split_part("up_proj", intermediate_size, parallel, what, start=gate.size)
+        local = gate.size
         self.gate_up_proj = nn.Parameter(
-            torch.empty(num_experts, 2 * intermediate_size, hidden_size, dtype=dtype),
-            requires_grad=False)
+            torch.empty(num_experts, 2 * local, hidden_size, dtype=dtype), requires_grad=False)
         self.down_proj = nn.Parameter(
-            torch.empty(num_experts, hidden_size, intermediate_size, dtype=dtype),
-            requires_grad=False)
+            torch.empty(num_experts, hidden_size, local, dtype=dtype), requires_grad=False)
+        # dim counted from the end: one expert's checkpoint tensor is sliced alike.
+        set_shard_spec(self.gate_up_proj, ShardSpec(-2, (gate, up)))
+        set_shard_spec(self.down_proj, ShardSpec(-1, (split_part(None, intermediate_size,
+                                                                  parallel, what),)))
 
     def forward(self, hidden_states: torch.Tensor, routing: Routing) -> torch.Tensor:
         if hidden_states.is_cuda or self.triton_on_cpu:

@@ -1,4 +1,11 @@
-"""Loading HF checkpoint tensors into fused parameters (qkv_proj, gate_up_proj)."""
+"""Loading HF checkpoint tensors into fused parameters (qkv_proj, gate_up_proj) and into
+tensor-parallel shards of them.
+
+A checkpoint always holds full tensors. A parameter that a tensor-parallel layer
+made carries a :class:`ShardSpec` (``param.shard_spec``) saying which slice of each
+full tensor this rank keeps and where it goes; the loader consults it, so every
+rank reads the same files. Parameters without one are copied whole, as before.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +31,79 @@ class StackedShard:
     index: int
 
 
+@dataclass(frozen=True, slots=True)
+class PartShard:
+    """Where this rank's share of one checkpoint tensor lands in a parameter.
+
+    Along the split dimension the rank reads ``size`` entries from ``source_start``
+    of a checkpoint tensor that has ``full_size`` there, and writes them at ``start``.
+
+    Attributes:
+        part: the checkpoint tensor's part name ("k_proj", "gate_proj"), None for a
+            parameter that is not fused.
+    """
+
+    part: str | None
+    full_size: int
+    source_start: int
+    start: int
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class ShardSpec:
+    """How a parameter takes its slice of full checkpoint tensors.
+
+    Attributes:
+        dim: the split dimension, counted from the end (-2: a weight's rows, -1: its
+            columns, or a bias), so one expert's tensor is sliced like the stacked
+            parameter of all experts.
+        parts: one per checkpoint tensor the parameter fuses, in their fused order.
+    """
+
+    dim: int
+    parts: tuple[PartShard, ...]
+
+    def pieces(self, part: str | None) -> list[PartShard]:
+        """What to copy for the checkpoint tensor of ``part``; ``None`` on a fused
+        parameter means a checkpoint that stores it fused (all parts back to back)."""
+        if part is not None:
+            found = [piece for piece in self.parts if piece.part == part]
+            if not found:
+                raise ValueError(f"no part {part!r} in a parameter fusing "
+                                 f"{[piece.part for piece in self.parts]}")
+            return found
+        total = sum(piece.full_size for piece in self.parts)
+        pieces, offset = [], 0
+        for piece in self.parts:
+            pieces.append(PartShard(None, total, offset + piece.source_start, piece.start,
+                                    piece.size))
+            offset += piece.full_size
+        return pieces
+
+
+def set_shard_spec(param: nn.Parameter, spec: ShardSpec) -> None:
+    param.shard_spec = spec
+
+
+def copy_shard(destination: torch.Tensor, tensor: torch.Tensor, spec: ShardSpec,
+               part: str | None, name: str) -> None:
+    """Copy this rank's slice of the full checkpoint tensor ``name`` into ``destination``.
+
+    Only ``tensor.shape`` and ``tensor.narrow`` are used, so a lazily read tensor (a
+    safetensors slice) that offers both would read only this rank's bytes.
+    """
+    pieces = spec.pieces(part)
+    expected = list(destination.shape)
+    expected[spec.dim] = pieces[0].full_size
+    if tuple(tensor.shape) != tuple(expected):
+        raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
+                         f"expected {tuple(expected)}")
+    for piece in pieces:
+        destination.narrow(spec.dim, piece.start, piece.size).copy_(
+            tensor.narrow(spec.dim, piece.source_start, piece.size))
+
+
 def load_weights_by_name(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
                          shards: list[StackedShard], shard_sizes: dict[str, list[int]],
                          skip: set[str] = frozenset(),
@@ -32,8 +112,9 @@ def load_weights_by_name(model: nn.Module, weights: Iterable[tuple[str, torch.Te
 
     Args:
         shards: how split checkpoint tensors map onto fused parameters.
-        shard_sizes: fused module name -> output size of each shard, in order; a fused
-            module not named here is split into equal parts (gate_up_proj).
+        shard_sizes: fused module name -> output size of each shard, in order, for
+            fused parameters without a ShardSpec; one not named here is split into
+            equal parts (gate_up_proj).
         skip: checkpoint names that are expected and ignored (tied lm_head, ...).
         filled: if given, receives (parameter name, shard part or None) for every
             tensor copied, for ``require_filled``.
@@ -48,16 +129,27 @@ def load_weights_by_name(model: nn.Module, weights: Iterable[tuple[str, torch.Te
         if target not in params:
             continue  # not ours: the caller reports unconsumed names
         param = params[target]
-        rows = None if shard is None else _rows_of(shard, shards, shard_sizes, param)
-        destination = param.data if rows is None else param.data.narrow(0, *rows)
-        if destination.shape != tensor.shape:
-            raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
-                             f"expected {tuple(destination.shape)}")
-        destination.copy_(tensor)
+        part = None if shard is None else shard.part
+        spec = getattr(param, "shard_spec", None)
+        if spec is not None:
+            copy_shard(param.data, tensor, spec, part, name)
+        else:
+            _copy_whole(param, tensor, name, shard, shards, shard_sizes)
         consumed.add(name)
         if filled is not None:
-            filled.add((target, None if shard is None else shard.part))
+            filled.add((target, part))
     return consumed
+
+
+def _copy_whole(param: nn.Parameter, tensor: torch.Tensor, name: str,
+                shard: StackedShard | None, shards: list[StackedShard],
+                shard_sizes: dict[str, list[int]]) -> None:
+    rows = None if shard is None else _rows_of(shard, shards, shard_sizes, param)
+    destination = param.data if rows is None else param.data.narrow(0, *rows)
+    if destination.shape != tensor.shape:
+        raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
+                         f"expected {tuple(destination.shape)}")
+    destination.copy_(tensor)
 
 
 def require_filled(model: nn.Module, filled: set[tuple[str, str | None]],
