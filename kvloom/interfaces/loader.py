@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -19,6 +19,29 @@ CONFIG_FILE = "config.json"
 # from the file (a ZeroDivisionError while building the model).
 POSITIVE_CONFIG_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers",
                           "num_attention_heads", "num_key_value_heads", "intermediate_size")
+
+
+class TensorSlice(Protocol):
+    """A checkpoint tensor not read yet (added in API 1.1): a loader hands these to a
+    model whose class sets ``reads_weight_slices = True``, so a tensor-parallel rank
+    reads only the bytes of its own slice of each tensor.
+
+    Attributes:
+        shape: the full tensor's shape.
+    """
+
+    shape: torch.Size
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        """Read rows ``start .. start + length`` of dimension ``dim`` only."""
+
+    def read(self) -> torch.Tensor:
+        """Read the whole tensor."""
+
+
+def as_tensor(tensor: torch.Tensor | TensorSlice) -> torch.Tensor:
+    """``tensor`` itself, or the whole of a :class:`TensorSlice`."""
+    return tensor if isinstance(tensor, torch.Tensor) else tensor.read()
 
 
 class ModelLoadError(ValueError):

@@ -53,13 +53,18 @@ class SafetensorsLoader(ModelLoader):
 
 
 def load_checkpoint_dir(model: torch.nn.Module, path: Path) -> None:
-    """Load every tensor of an HF safetensors checkpoint; unused tensors are an error."""
+    """Load every tensor of an HF safetensors checkpoint; unused tensors are an error.
+
+    A model that reads slices (``reads_weight_slices``, e.g. one tensor-parallel rank
+    of it) gets each tensor unread, and reads only its own part of the file.
+    """
     files = check_checkpoint(path)
     names = set()
+    slices = getattr(model, "reads_weight_slices", False)
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         for file in files:
-            for name, tensor in read_safetensors_file(file):
+            for name, tensor in read_safetensors_file(file, slices):
                 names.add(name)
                 yield name, tensor
 
@@ -71,16 +76,36 @@ def load_checkpoint_dir(model: torch.nn.Module, path: Path) -> None:
                          f"are not used by {type(model).__name__}: {shown}")
 
 
-def read_safetensors_file(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor of one file; the library's errors become a ModelLoadError naming it."""
+def read_safetensors_file(file: Path, slices: bool = False
+                          ) -> Iterator[tuple[str, torch.Tensor | SafetensorsSlice]]:
+    """Every tensor of one file (with ``slices``, unread: each is valid until the next
+    is asked for); the library's errors become a ModelLoadError naming it."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(file), framework="pt", device="cpu") as reader:
             for name in reader.keys():
-                yield name, reader.get_tensor(name)
+                yield name, SafetensorsSlice(reader, name) if slices else reader.get_tensor(name)
     except (SafetensorError, OSError) as exc:
         raise ModelLoadError(file, describe_error(exc)) from exc
+
+
+class SafetensorsSlice:
+    """A :class:`~kvloom.interfaces.loader.TensorSlice` of an open safetensors file:
+    ``narrow`` reads only the bytes of the rows asked for."""
+
+    def __init__(self, reader: Any, name: str) -> None:
+        self._reader = reader
+        self._name = name
+        self.shape = torch.Size(reader.get_slice(name).get_shape())
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        index = [slice(None)] * len(self.shape)
+        index[dim % len(self.shape)] = slice(start, start + length)
+        return self._reader.get_slice(self._name)[tuple(index)]
+
+    def read(self) -> torch.Tensor:
+        return self._reader.get_tensor(self._name)
 
 
 def checkpoint_files(path: Path) -> list[Path]:

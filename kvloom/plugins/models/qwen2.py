@@ -159,6 +159,8 @@ class Qwen2ForCausalLM(nn.Module):
     """The HF Qwen2ForCausalLM architecture over kvloom's paged attention."""
 
     model_cls = Qwen2Model
+    # load_weights takes unread tensors (TensorSlice): each rank reads only its slice.
+    reads_weight_slices = True
 
     def __init__(self, hf_config, context: ModelContext):
         super().__init__()

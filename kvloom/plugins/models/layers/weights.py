@@ -15,6 +15,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from kvloom.interfaces.loader import as_tensor
+
 
 @dataclass(frozen=True, slots=True)
 class StackedShard:
@@ -149,7 +151,7 @@ def _copy_whole(param: nn.Parameter, tensor: torch.Tensor, name: str,
     if destination.shape != tensor.shape:
         raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
                          f"expected {tuple(destination.shape)}")
-    destination.copy_(tensor)
+    destination.copy_(as_tensor(tensor))
 
 
 def require_filled(model: nn.Module, filled: set[tuple[str, str | None]],
