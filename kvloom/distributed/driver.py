@@ -112,8 +112,9 @@ class DistributedWorkers:
             messages.broadcast_bytes(messages.encode_step(scheduler_output.scheduled),
                                      self.control)
         except Exception as error:  # a worker's socket closed mid-broadcast
-            self.check_alive()
-            raise WorkerFailedError(f"sending the step to the workers failed: {error}") from error
+            self.diagnose()
+            raise WorkerFailedError(self.failure or "sending the step to the workers "
+                                    f"failed: {error}") from error
 
     def check_alive(self) -> None:
         """Raise WorkerFailedError if a worker has died (now or before)."""
@@ -123,6 +124,21 @@ class DistributedWorkers:
                 self.failure = f"tensor-parallel workers died: {'; '.join(dead)}"
         if self.failure is not None:
             raise WorkerFailedError(self.failure)
+
+    def diagnose(self, wait_s: float = 3.0) -> str | None:
+        """After a collective failed: which worker died, if one did. A killed worker's
+        sockets close before its exit is visible, so wait a little for the executor to
+        see it."""
+        deadline = time.monotonic() + wait_s
+        while self.failure is None:
+            try:
+                self.check_alive()
+            except WorkerFailedError:
+                break
+            if time.monotonic() > deadline:
+                break
+            time.sleep(_POLL_S)
+        return self.failure
 
     def shutdown(self) -> None:
         """Tell live workers to stop, then have the executor end every process."""

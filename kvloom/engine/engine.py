@@ -162,8 +162,12 @@ class Engine:
         forget the prefix cache (the step may have left blocks half-written)."""
         logger.error("the model step failed; failing every request in flight", exc_info=error)
         self.num_consecutive_failed_steps += 1
+        workers = self.components.workers
         if isinstance(error, WorkerFailedError):
             self.dead_error = error
+        elif workers is not None and workers.diagnose() is not None:
+            # The driver's own collective failed because a worker died.
+            self.dead_error = WorkerFailedError(workers.failure)
         message = describe_failure("the model step", error)
         request_ids = self.output_processor.request_ids()
         for request_id in request_ids:
