@@ -32,6 +32,8 @@ START_TIMEOUT_S = 1800.0
 _POLL_S = 0.05
 # The control group waits between steps for as long as the engine is idle.
 _IDLE_FOREVER = datetime.timedelta(days=365)
+# The model's collectives: no step takes this long; a rank stuck longer is gone.
+STEP_TIMEOUT = datetime.timedelta(minutes=10)
 
 
 class WorkerFailedError(RuntimeError):
@@ -50,6 +52,10 @@ class DistributedWorkers:
         self.group = TorchDistributedGroup(0, world_size)
         self.control: dist.ProcessGroup | None = None
         self.failure: str | None = None
+        # Workers are told to stop only from their step loop: elsewhere (building, a
+        # start-up collective, mid-step) a stop message would meet another collective.
+        self.serving = False
+        self.stop_requested = True
         self._stopped = False
 
     @classmethod
@@ -58,6 +64,10 @@ class DistributedWorkers:
         from kvloom.distributed.worker import run_worker
 
         world_size = config.parallel.tensor_parallel_size
+        if dist.is_initialized():
+            raise RuntimeError("torch.distributed is already initialised in this process; "
+                               "an engine with tensor_parallel_size > 1 forms its own "
+                               "process group (one such engine per process)")
         host = executor.rendezvous_host()
         store = dist.TCPStore(host, 0, world_size, is_master=True, wait_for_workers=False,
                               timeout=datetime.timedelta(seconds=START_TIMEOUT_S))
@@ -76,7 +86,7 @@ class DistributedWorkers:
         """Wait until every worker has built its slice, then form the process groups."""
         self._wait_for("built", timeout_s)
         dist.init_process_group(self.backend, store=dist.PrefixStore("pg", self.store),
-                                rank=0, world_size=self.world_size)
+                                rank=0, world_size=self.world_size, timeout=STEP_TIMEOUT)
         self.control = control_group(self.backend)
 
     def _wait_for(self, key: str, timeout_s: float) -> None:
@@ -103,7 +113,10 @@ class DistributedWorkers:
         raise WorkerFailedError(message)
 
     def agree_on_minimum(self, value: int) -> int:
-        return messages.agree_on_minimum(value, self.control)
+        """The KV blocks every rank can hold; the workers go to their step loop next."""
+        agreed = messages.agree_on_minimum(value, self.control)
+        self.serving = True
+        return agreed
 
     def send_step(self, scheduler_output: SchedulerOutput) -> None:
         """Every worker runs this step's forward pass alongside the driver."""
@@ -145,7 +158,8 @@ class DistributedWorkers:
         if self._stopped:
             return
         self._stopped = True
-        if self.control is not None and self.failure is None and not self.executor.dead_workers():
+        if (self.serving and self.stop_requested and self.failure is None
+                and not self.executor.dead_workers()):
             try:
                 messages.broadcast_bytes(messages.encode_stop(), self.control)
             except Exception as error:

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from kvloom.config import EngineConfig
 from kvloom.distributed import messages
-from kvloom.distributed.driver import control_group
+from kvloom.distributed.driver import STEP_TIMEOUT, control_group
 from kvloom.distributed.group import TorchDistributedGroup
 from kvloom.interfaces.executor import WorkerLaunch
 
@@ -33,17 +33,17 @@ def run_worker(launch: WorkerLaunch, rank: int, device_index: int) -> None:
                           is_master=False)
     try:
         runner, shard, config = _build(launch, rank, device_index)
+        store.set(f"built/{rank}", "1")
+        dist.init_process_group(shard.platform.distributed_backend,
+                                store=dist.PrefixStore("pg", store), rank=rank,
+                                world_size=launch.world_size, timeout=STEP_TIMEOUT)
+        control = control_group(shard.platform.distributed_backend)
+        _prepare_caches(config, shard, runner, control)
     except BaseException as error:
         # The operator's own settings or files went wrong: the message names them.
         store.set(f"error/{rank}", " ".join(f"{type(error).__name__}: {error}".split()))
         raise
-    store.set(f"built/{rank}", "1")
-    dist.init_process_group(shard.platform.distributed_backend,
-                            store=dist.PrefixStore("pg", store), rank=rank,
-                            world_size=launch.world_size)
-    control = control_group(shard.platform.distributed_backend)
     try:
-        _prepare_caches(config, shard, runner, control)
         _serve(runner, control)
     finally:
         dist.destroy_process_group()

@@ -119,7 +119,8 @@ class AsyncEngine:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
-        self.engine.shutdown()
+        self.engine.shutdown(
+            step_in_progress=self._thread is not None and self._thread.is_alive())
 
     @property
     def is_healthy(self) -> bool:

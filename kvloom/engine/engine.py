@@ -165,9 +165,13 @@ class Engine:
         workers = self.components.workers
         if isinstance(error, WorkerFailedError):
             self.dead_error = error
-        elif workers is not None and workers.diagnose() is not None:
-            # The driver's own collective failed because a worker died.
-            self.dead_error = WorkerFailedError(workers.failure)
+        elif workers is not None:
+            # The workers may still be inside the failed step's collectives: the ranks
+            # are out of step for good, whether or not a worker died.
+            workers.diagnose()
+            self.dead_error = WorkerFailedError(
+                workers.failure or f"the model step failed on rank 0 ({type(error).__name__}) "
+                                   "with tensor-parallel workers, which cannot go on")
         message = describe_failure("the model step", error)
         request_ids = self.output_processor.request_ids()
         for request_id in request_ids:
@@ -233,10 +237,13 @@ class Engine:
     def has_unfinished_requests(self) -> bool:
         return self.core.has_unfinished_requests() or self.grammar_compiler.num_pending > 0
 
-    def shutdown(self) -> None:
+    def shutdown(self, step_in_progress: bool = False) -> None:
         """Stop background work (grammar compilations, tensor-parallel workers) so the
-        process can exit."""
+        process can exit. ``step_in_progress``: another thread may still be inside a
+        step, so the workers are ended without being asked (they may be mid-step)."""
         self.grammar_compiler.shutdown()
+        if step_in_progress and self.components.workers is not None:
+            self.components.workers.stop_requested = False
         self._stop_workers()
 
     def get_stats(self) -> EngineStats:

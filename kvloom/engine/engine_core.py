@@ -18,13 +18,17 @@ tokens are recorded, the drafter proposes the next step's drafts.
 
 from __future__ import annotations
 
-from kvloom.distributed.driver import DistributedWorkers
+from typing import TYPE_CHECKING
+
 from kvloom.request import Request, RequestStatus
 from kvloom.scheduler.scheduler import Scheduler
 from kvloom.spec_decode.proposing import DraftProposer
 from kvloom.step.runner_output import PendingRunnerOutput
 from kvloom.step.scheduler_output import EngineCoreOutput, SchedulerOutput
 from kvloom.worker.model_runner import ModelRunner
+
+if TYPE_CHECKING:
+    from kvloom.distributed.driver import DistributedWorkers
 
 
 class EngineCore:

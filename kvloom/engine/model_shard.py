@@ -107,6 +107,11 @@ def _build_model(config: EngineConfig, registries: Registries, platform: Platfor
                            parallel)
     with torch.device(platform.device()):
         model = models.create(architecture, hf_config, context)
+    if parallel.size > 1 and not getattr(model, "supports_tensor_parallel", False):
+        # A model that ignores context.parallel would run whole on every rank.
+        raise ValueError(f"model architecture {architecture!r} does not support "
+                         f"tensor_parallel_size > 1 (its class does not set "
+                         "supports_tensor_parallel = True)")
     return model, attention_name, backend
 
 

@@ -70,6 +70,8 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-tp", "--tensor-parallel-size", type=int, default=None,
                         help="split the model over this many devices (ranks) "
                              "(default: the engine.yaml's, else 1)")
+    parser.add_argument("-pp", "--pipeline-parallel-size", type=int, default=None,
+                        help="pipeline stages; only 1 is supported (default: 1)")
     parser.add_argument("--distributed-executor-backend", default=None,
                         help="what runs the ranks: uni, mp (a process per rank on this "
                              "machine), ray, or a plugin's (default: the engine.yaml's, "
@@ -142,6 +144,7 @@ def engine_config_from_args(args: argparse.Namespace):
 
 def parallel_overrides(args: argparse.Namespace) -> dict:
     overrides = {"tensor_parallel_size": getattr(args, "tensor_parallel_size", None),
+                 "pipeline_parallel_size": getattr(args, "pipeline_parallel_size", None),
                  "distributed_executor_backend":
                      getattr(args, "distributed_executor_backend", None)}
     return {key: value for key, value in overrides.items() if value is not None}

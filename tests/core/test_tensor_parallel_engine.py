@@ -9,7 +9,9 @@ each on a small machine), so the cases share engines where they can.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -208,3 +210,73 @@ def test_an_idle_engine_notices_a_dead_worker(checkpoints):
     finally:
         async_engine.shutdown()
     assert_exited(pids)
+
+
+class BrokenLaunchExecutor(ExitingExecutor):
+    """Runs the real worker main, but points the workers at a model that is not there:
+    the worker fails while building, after the driver has started waiting."""
+
+    name = "broken_launch"
+
+    def launch(self, launch) -> None:
+        config = {**launch.engine_config, "model": {**launch.engine_config["model"],
+                                                    "model": "/nonexistent/model"}}
+        broken = dataclasses.replace(launch, engine_config=config)
+        code = ("import pickle, sys; launch, rank = pickle.load(sys.stdin.buffer); "
+                "launch.entrypoint(launch, rank, 0)")
+        for rank in range(1, launch.world_size):
+            process = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                                       stderr=subprocess.DEVNULL)
+            process.stdin.write(pickle.dumps((broken, rank)))
+            process.stdin.close()
+            self.processes.append(process)
+
+
+class BrokenLaunchPlugin:
+    @hookimpl
+    def register_executors(self, register):
+        register("broken_launch", BrokenLaunchExecutor)
+
+
+def test_a_worker_that_fails_to_build_reports_its_own_error(checkpoints):
+    manager = make_plugin_manager(extra_plugins={"broken": BrokenLaunchPlugin()})
+    with pytest.raises(WorkerFailedError,
+                       match=r"worker 1 failed to start: .*/nonexistent/model"):
+        LLM(str(checkpoints["qwen2"]), tensor_parallel_size=2,
+            distributed_executor_backend="broken_launch", plugin_manager=manager, **SETTINGS)
+
+
+def test_mp_refuses_more_ranks_than_devices():
+    from kvloom.plugins.executors.mp import MultiprocessingExecutor
+
+    executor = MultiprocessingExecutor()
+    assert executor.validate(2, 2) == []
+    assert executor.validate(2, None) == []  # the CPU: every rank shares it
+    (reason,) = executor.validate(4, 2)
+    assert "tensor_parallel_size 4 needs 4 devices" in reason and "has 2" in reason
+
+
+def test_a_model_that_ignores_tensor_parallelism_is_refused(checkpoints):
+    from kvloom.plugins.models.qwen2 import Qwen2ForCausalLM
+
+    class WholeOnEveryRank(Qwen2ForCausalLM):
+        supports_tensor_parallel = False
+
+    class Plugin:
+        @hookimpl
+        def register_models(self, register):
+            register("WholeOnEveryRank", WholeOnEveryRank)
+
+    import json
+    import shutil
+
+    path = checkpoints["qwen2"].parent / "whole"
+    if not path.exists():
+        shutil.copytree(checkpoints["qwen2"], path)
+        config = json.loads((path / "config.json").read_text())
+        config["architectures"] = ["WholeOnEveryRank"]
+        (path / "config.json").write_text(json.dumps(config))
+    manager = make_plugin_manager(extra_plugins={"whole": Plugin()})
+    with pytest.raises(ValueError, match="does not support tensor_parallel_size > 1"):
+        LLM(str(path), tensor_parallel_size=2, distributed_executor_backend="mp",
+            plugin_manager=manager, **SETTINGS)

@@ -1,6 +1,6 @@
-"""``kvloom serve -tp 2`` on the CPU: the official openai client gets the tokens one
-rank gives; killing a worker fails the request in flight, turns /health 503, and the
-server exits leaving no process behind."""
+"""``kvloom serve -tp 4`` on the CPU: the official openai client gets the tokens one
+rank gives; killing one worker fails the request in flight, turns /health 503, and the
+server exits, taking the other workers with it."""
 
 from __future__ import annotations
 
@@ -40,6 +40,15 @@ def child_pids(pid: int) -> list[int]:
     return children
 
 
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a reaped or exited worker is neither)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
 def wait_ready(process: subprocess.Popen, base: str) -> None:
     deadline = time.monotonic() + 120
     while True:
@@ -54,21 +63,21 @@ def wait_ready(process: subprocess.Popen, base: str) -> None:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_serve_with_two_ranks_answers_and_survives_a_dead_worker_cleanly(tiny_qwen2):
+def test_serve_with_four_ranks_answers_and_ends_cleanly_when_a_worker_dies(tiny_qwen2):
     expected = LLM(str(tiny_qwen2), dtype="float32").generate(
         [{"prompt_token_ids": PROMPT}], SamplingParams(temperature=0, max_tokens=8,
                                                        ignore_eos=True))[0].outputs[0].text
     port = _free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "kvloom.entrypoints.cli", "serve", str(tiny_qwen2),
-         "-tp", "2", "--port", str(port), "--dtype", "float32", "--served-model-name", "tiny",
+         "-tp", "4", "--port", str(port), "--dtype", "float32", "--served-model-name", "tiny",
          "--log-level", "warning"],
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
     base = f"http://127.0.0.1:{port}"
     try:
         wait_ready(process, base)
         workers = child_pids(process.pid)
-        assert len(workers) == 1, f"expected one worker process, found {workers}"
+        assert len(workers) == 3, f"expected three worker processes, found {workers}"
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="none")
         completion = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=8,
                                                temperature=0, extra_body={"ignore_eos": True})
@@ -104,7 +113,11 @@ def test_serve_with_two_ranks_answers_and_survives_a_dead_worker_cleanly(tiny_qw
             time.sleep(0.05)
         assert 503 in statuses or process.poll() is not None
         assert process.wait(30) is not None, "the server kept running without its worker"
-        assert child_pids(process.pid) == []
+        survivors = workers[1:]
+        deadline = time.monotonic() + 15
+        while any(_running(pid) for pid in survivors) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [pid for pid in survivors if _running(pid)], "workers outlived the server"
     finally:
         if process.poll() is None:
             process.kill()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pickle
 import subprocess
 import sys
+import time
 
 from kvloom.hookspecs import hookimpl
 from kvloom.interfaces.executor import Executor, WorkerLaunch
@@ -54,23 +55,27 @@ class MultiprocessingExecutor(Executor):
                 for rank, process in self.processes.items() if process.poll() is not None]
 
     def shutdown(self) -> None:
-        for process in self.processes.values():
-            _wait(process)  # they leave on the driver's stop message
-        for process in self.processes.values():
+        processes = list(self.processes.values())
+        _wait_all(processes, _STOP_WAIT_S)  # they leave on the driver's stop message
+        for process in processes:
             if process.poll() is None:
                 process.terminate()
-                _wait(process)
+        _wait_all(processes, _STOP_WAIT_S)
+        for process in processes:
             if process.poll() is None:
                 process.kill()
                 process.wait()
         self.processes.clear()
 
 
-def _wait(process: subprocess.Popen) -> None:
-    try:
-        process.wait(_STOP_WAIT_S)
-    except subprocess.TimeoutExpired:
-        pass
+def _wait_all(processes: list[subprocess.Popen], seconds: float) -> None:
+    """Wait until every process has exited or ``seconds`` have passed, in all."""
+    deadline = time.monotonic() + seconds
+    for process in processes:
+        try:
+            process.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            return
 
 
 def child_main() -> None:

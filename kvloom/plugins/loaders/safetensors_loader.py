@@ -18,7 +18,7 @@ import torch
 from kvloom.hookspecs import hookimpl
 from kvloom.interfaces.loader import ModelLoader, ModelLoadError, describe_error
 
-KVLOOM_PLUGIN_API = ">=1.0,<2"  # the kvloom plugin API versions this module supports
+KVLOOM_PLUGIN_API = ">=1.1,<2"  # the kvloom plugin API versions this module supports
 
 INDEX_FILE = "model.safetensors.index.json"
 HEADER_LENGTH_BYTES = 8  # a little-endian u64, then that many bytes of JSON header

@@ -13,7 +13,7 @@ from kvloom.plugins.models.layers.rotary import RotaryEmbedding, rope_scaling_of
 from kvloom.plugins.models.qwen2 import (Qwen2Attention, Qwen2DecoderLayer, Qwen2ForCausalLM,
                                          Qwen2Model)
 
-KVLOOM_PLUGIN_API = ">=1.0,<2"  # the kvloom plugin API versions this module supports
+KVLOOM_PLUGIN_API = ">=1.1,<2"  # the kvloom plugin API versions this module supports
 
 
 @hookimpl

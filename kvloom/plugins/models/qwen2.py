@@ -27,7 +27,7 @@ from kvloom.plugins.models.layers.rotary import RotaryEmbedding, rope_scaling_of
 from kvloom.plugins.models.layers.weights import (StackedShard, load_weights_by_name,
                                                   require_filled)
 
-KVLOOM_PLUGIN_API = ">=1.0,<2"  # the kvloom plugin API versions this module supports
+KVLOOM_PLUGIN_API = ">=1.1,<2"  # the kvloom plugin API versions this module supports
 
 
 @hookimpl
@@ -161,6 +161,8 @@ class Qwen2ForCausalLM(nn.Module):
     model_cls = Qwen2Model
     # load_weights takes unread tensors (TensorSlice): each rank reads only its slice.
     reads_weight_slices = True
+    # Built from the parallel layers: context.parallel slices it.
+    supports_tensor_parallel = True
 
     def __init__(self, hf_config, context: ModelContext):
         super().__init__()

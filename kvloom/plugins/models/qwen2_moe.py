@@ -29,7 +29,7 @@ from kvloom.plugins.models.qwen2 import (GatedMLP, Qwen2Attention, Qwen2DecoderL
                                          Qwen2ForCausalLM, Qwen2Model, num_kv_heads_of)
 from kvloom.plugins.models.qwen2 import check_supported as check_qwen2_supported
 
-KVLOOM_PLUGIN_API = ">=1.0,<2"  # the kvloom plugin API versions this module supports
+KVLOOM_PLUGIN_API = ">=1.1,<2"  # the kvloom plugin API versions this module supports
 
 
 @hookimpl
