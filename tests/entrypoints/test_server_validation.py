@@ -333,3 +333,36 @@ def test_n_that_can_never_fit_is_400_not_503(http, live):
     assert "retry-after" not in too_wide.headers
     assert_400(too_wide, "n", mentions="can ever hold")
     assert fits.status_code == 200 and len(fits.json()["choices"]) == 3
+
+
+@pytest.mark.parametrize("path, field, value", [
+    ("/v1/completions", "logit_bias", {"42": -100}),
+    ("/v1/completions", "best_of", 2),
+    ("/v1/completions", "best_of", True),
+    ("/v1/completions", "use_beam_search", True),
+    ("/v1/completions", "bad_words", ["no"]),
+    ("/v1/completions", "allowed_token_ids", [1, 2]),
+    ("/v1/completions", "prompt_logprobs", 1),
+    ("/v1/completions", "truncate_prompt_tokens", 4),
+    ("/v1/completions", "suffix", " end"),
+    ("/v1/chat/completions", "tools", [{"type": "function",
+                                        "function": {"name": "f", "parameters": {}}}]),
+    ("/v1/chat/completions", "tool_choice", "required"),
+    ("/v1/chat/completions", "logit_bias", {"7": 5}),
+])
+def test_a_field_kvloom_does_not_act_on_is_400_not_ignored(http, path, field, value):
+    body = ({"model": MODEL_NAME, "prompt": "Hello", "max_tokens": 2} if "chat" not in path
+            else {"model": MODEL_NAME, "messages": [{"role": "user", "content": "Hi"}],
+                  "max_tokens": 2})
+    assert_400(http.post(path, json={**body, field: value}), field,
+               mentions="not supported")
+    assert_serving(http)
+
+
+@pytest.mark.parametrize("field, value", [("logit_bias", {}), ("best_of", 1),
+                                          ("use_beam_search", False), ("suffix", ""),
+                                          ("bad_words", [])])
+def test_values_of_those_fields_that_change_nothing_are_accepted(http, field, value):
+    response = http.post("/v1/completions", json={"model": MODEL_NAME, "prompt": "Hello",
+                                                  "max_tokens": 2, field: value})
+    assert response.status_code == 200, response.text

@@ -150,6 +150,16 @@ class SamplingFields(_SharedSamplingParams):
     structured_outputs: StructuredOutputsRequest | None = None
     # vLLM's: isolates this request's prefix-cache blocks (checked by the input processor).
     cache_salt: Str | None = None
+    # OpenAI's and vLLM's fields that kvloom does not act on yet: declared so that a value
+    # that would change the answer gets a 400 naming the field instead of being ignored
+    # (validation.UNSUPPORTED_FIELDS says which values change nothing).
+    logit_bias: Any = None
+    best_of: Any = None
+    use_beam_search: Any = None
+    bad_words: Any = None
+    allowed_token_ids: Any = None
+    prompt_logprobs: Any = None
+    truncate_prompt_tokens: Any = None
 
 
 # A prompt: text, a list of one text, token ids, or a list of one token-id list.
@@ -161,6 +171,7 @@ class CompletionRequest(SamplingFields):
     logprobs: Int | None = None
     echo: Bool = False
     max_tokens: Int | None = 16  # OpenAI's legacy default
+    suffix: Any = None  # not supported yet (validation.UNSUPPORTED_FIELDS)
 
 
 class TextContentPart(OpenAIModel):
@@ -180,6 +191,8 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: Bool = False
     top_logprobs: Int | None = None
     add_generation_prompt: Bool = True
+    tools: Any = None  # not supported yet (validation.UNSUPPORTED_FIELDS)
+    tool_choice: Any = None
 
 
 class TokenizeRequest(OpenAIModel):

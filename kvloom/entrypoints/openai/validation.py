@@ -63,6 +63,31 @@ def check_stream_fields(body: p.SamplingFields) -> None:
     if body.stream_options is not None and not body.stream:
         raise APIError(400, "stream_options is only allowed when stream is true",
                        param="stream_options")
+    refuse_unsupported(body)
+
+
+# Request fields kvloom does not act on yet -> (the values that change nothing, what to
+# do instead). Any other value is a 400 naming the field: never a 200 that ignores it.
+UNSUPPORTED_FIELDS: dict[str, tuple[tuple[Any, ...], str]] = {
+    "logit_bias": ((None, {}), "logit_bias is not supported yet"),
+    "best_of": ((None, 1), "best_of is not supported yet; use n"),
+    "use_beam_search": ((None, False), "beam search is not supported yet"),
+    "bad_words": ((None, []), "bad_words is not supported yet"),
+    "allowed_token_ids": ((None,), "allowed_token_ids is not supported yet"),
+    "prompt_logprobs": ((None,), "prompt_logprobs is not supported yet"),
+    "truncate_prompt_tokens": ((None,), "truncate_prompt_tokens is not supported yet"),
+    "suffix": ((None, ""), "suffix (insertion) is not supported"),
+    "tools": ((None, []), "tool calling is not supported yet"),
+    "tool_choice": ((None, "none"), "tool calling is not supported yet"),
+}
+
+
+def refuse_unsupported(body: p.SamplingFields) -> None:
+    for name, (harmless, reason) in UNSUPPORTED_FIELDS.items():
+        value = getattr(body, name, None)
+        # type() too: 1 == True, but best_of: true is not best_of: 1.
+        if not any(value == ok and type(value) is type(ok) for ok in harmless):
+            raise APIError(400, reason, param=name)
 
 
 def sampling_params(body: p.SamplingFields, max_tokens: int | None,
