@@ -131,11 +131,7 @@ class DistributedWorkers:
 
     def check_alive(self) -> None:
         """Raise WorkerFailedError if a worker has died (now or before)."""
-        if self.failure is None:
-            dead = self.executor.dead_workers()
-            if dead:
-                self.failure = f"tensor-parallel workers died: {'; '.join(dead)}"
-        if self.failure is not None:
+        if self.failure is not None or self._note_dead():
             raise WorkerFailedError(self.failure)
 
     def diagnose(self, wait_s: float = 3.0) -> str | None:
@@ -143,15 +139,15 @@ class DistributedWorkers:
         sockets close before its exit is visible, so wait a little for the executor to
         see it."""
         deadline = time.monotonic() + wait_s
-        while self.failure is None:
-            try:
-                self.check_alive()
-            except WorkerFailedError:
-                break
-            if time.monotonic() > deadline:
-                break
+        while self.failure is None and not self._note_dead() and time.monotonic() < deadline:
             time.sleep(_POLL_S)
         return self.failure
+
+    def _note_dead(self) -> bool:
+        dead = self.executor.dead_workers()
+        if dead:
+            self.failure = f"tensor-parallel workers died: {'; '.join(dead)}"
+        return bool(dead)
 
     def shutdown(self) -> None:
         """Tell live workers to stop, then have the executor end every process."""

@@ -18,6 +18,7 @@ import sys
 import time
 
 import pytest
+from worker_processes import assert_exited
 
 from kvloom import LLM, SamplingParams, hookimpl, make_plugin_manager
 from kvloom.distributed.driver import WorkerFailedError
@@ -52,28 +53,6 @@ def tensor_parallel_llm(path, size: int, **overrides) -> LLM:
 
 def worker_pids(llm: LLM) -> list[int]:
     return [process.pid for process in llm.engine.components.workers.executor.processes.values()]
-
-
-def assert_exited(pids: list[int]) -> None:
-    for pid in pids:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and _alive(pid):
-            time.sleep(0.1)
-        assert not _alive(pid), f"worker {pid} is still running"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        finished, _ = os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:  # reaped already
-        return False
-    if finished:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from worker_processes import assert_exited
 
 from kvloom import LLM, SamplingParams
 
@@ -38,15 +39,6 @@ def child_pids(pid: int) -> list[int]:
         if int(fields[1]) == pid:
             children.append(int(stat.parent.name))
     return children
-
-
-def _running(pid: int) -> bool:
-    """Alive and not a zombie (a reaped or exited worker is neither)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def wait_ready(process: subprocess.Popen, base: str) -> None:
@@ -114,11 +106,7 @@ def test_serve_answers_and_ends_cleanly_when_a_worker_dies(tiny_qwen2, ranks):
             time.sleep(0.05)
         assert 503 in statuses or process.poll() is not None
         assert process.wait(30) is not None, "the server kept running without its worker"
-        survivors = workers[1:]
-        deadline = time.monotonic() + 15
-        while any(_running(pid) for pid in survivors) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not [pid for pid in survivors if _running(pid)], "workers outlived the server"
+        assert_exited(workers[1:], timeout_s=15)  # the server took the survivors along
     finally:
         if process.poll() is None:
             process.kill()

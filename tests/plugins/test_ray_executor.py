@@ -16,6 +16,7 @@ import signal
 import time
 
 import pytest
+from worker_processes import assert_exited
 
 from kvloom import LLM, SamplingParams
 from kvloom.testing.checkpoints import make_tiny_qwen2
@@ -122,17 +123,3 @@ def assert_no_placement_group_left() -> None:
     assert left == [], f"placement groups left: {left}"
 
 
-def assert_exited(pids: list[int]) -> None:
-    for pid in pids:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and _alive(pid):
-            time.sleep(0.1)
-        assert not _alive(pid), f"worker {pid} is still running"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
