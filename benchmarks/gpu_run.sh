@@ -2,7 +2,8 @@
 # One GPU session: install, GPU tests, kernel benchmark, latency, throughput (with HF);
 # STEPS=conformance runs the plugin conformance suite on the GPU.
 # Usage on a GPU machine without network (extra wheels in .whl/):  bash benchmarks/gpu_run.sh [MODEL ...]
-# The structured step needs a tokenizer directory (carry .bench-tokenizer: SmolLM2's
+# A FlashAttention-3 library for the flash_attn backend travels as .fa3/_vllm_fa3_C.abi3.so.xz
+# (carry .fa3; see docs/gpu.md). The structured step needs a tokenizer directory (carry .bench-tokenizer: SmolLM2's
 # tokenizer.json + tokenizer_config.json).
 # Results and logs go to $OUT (or ./gpu-out).
 set -u
@@ -11,6 +12,11 @@ export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site || exit 1
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null || exit 1
+# FlashAttention-3 for the flash_attn backend: vLLM's prebuilt library, carried xz-packed in .fa3/.
+if ls .fa3/*.so.xz >/dev/null 2>&1; then
+    mkdir -p /tmp/fa3 && for f in .fa3/*.so.xz; do xz -dc "$f" > "/tmp/fa3/$(basename "${f%.xz}")"; done
+    export KVLOOM_FLASH_ATTN_LIBRARY=$(ls /tmp/fa3/*.so | head -1)
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 echo "${COMMIT:-unknown}" | tee "$OUT/commit.txt"
 
@@ -27,7 +33,7 @@ STEPS=${STEPS:-tests,kernels,latency,throughput}
 MODELS=${*:-qwen2-0.5b}
 if [[ $STEPS == *conformance* ]]; then  # the plugin conformance suite on the GPU, example included
     python3 -m pip install -q --no-deps --no-build-isolation -e examples/kvloom-plugin-example >/dev/null
-    step conformance 500 python3 -m pytest -q -p no:cacheprovider --pyargs kvloom.testing --kvloom-device cuda -rs
+    step conformance 500 python3 -m pytest -q -p no:cacheprovider --pyargs kvloom.testing --kvloom-device cuda -rs ${CONFORMANCE_ARGS:-}
 fi
 [[ $STEPS == *tests* ]] && step gpu_tests 300 python3 -m pytest -q -m gpu -p no:cacheprovider ${GPU_TESTS:-tests}
 [[ $STEPS == *kernels* ]] && step kernels 240 python3 benchmarks/attention_kernels.py --json "$OUT/kernels.json"

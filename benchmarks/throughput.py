@@ -32,7 +32,8 @@ def run_kvloom(config_dir: Path, prompts, output_lens, args) -> dict:
               gpu_memory_utilization=args.gpu_memory_utilization,
               enforce_eager=args.enforce_eager or None,
               tensor_parallel_size=args.tensor_parallel_size,
-              distributed_executor_backend=args.distributed_executor_backend)
+              distributed_executor_backend=args.distributed_executor_backend,
+              attention=args.attention)
     build_seconds = time.perf_counter() - started
     warmup = [{"prompt_token_ids": p[:64]} for p in prompts[:8]]
     llm.generate(warmup, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
@@ -44,8 +45,9 @@ def run_kvloom(config_dir: Path, prompts, output_lens, args) -> dict:
     num_output = sum(len(o.outputs[0].token_ids) for o in outputs)
     assert num_output == sum(output_lens), "kvloom produced the wrong number of tokens"
     stats = llm.engine.get_stats()
+    attention = getattr(llm.engine.components, "attention_name", args.attention)
     llm.engine.shutdown()
-    result = {"engine": "kvloom", "seconds": seconds, "output_tokens": num_output,
+    result = {"engine": "kvloom", "attention": attention, "seconds": seconds, "output_tokens": num_output,
               "tok_per_s": num_output / seconds, "build_seconds": build_seconds,
               "num_kv_blocks": stats.num_total_blocks, "preemptions": stats.num_preemptions}
     del llm, outputs
@@ -113,6 +115,8 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--attention", default="auto",
+                        help="attention backend (triton, cuda_paged, flash_attn, ...)")
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("-tp", "--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--distributed-executor-backend", default="auto",
@@ -132,9 +136,10 @@ def main() -> None:
     ceiling = CEILINGS.get((args.model, device))
     print(f"\nthroughput workload: {len(prompts)} prompts, {sum(map(len, prompts))} prompt "
           f"tokens, {sum(output_lens)} output tokens; model {args.model}; device {device}")
-    print(f"{'engine':<18}{'seconds':>10}{'out tok/s':>12}")
+    print(f"{'engine':<24}{'seconds':>10}{'out tok/s':>12}")
     for row in results:
-        print(f"{row['engine']:<18}{row['seconds']:>10.1f}{row['tok_per_s']:>12.0f}")
+        name = row['engine'] + (f" ({row['attention']})" if 'attention' in row else '')
+        print(f"{name:<24}{row['seconds']:>10.1f}{row['tok_per_s']:>12.0f}")
     kvloom = results[0]["tok_per_s"]
     if len(results) > 1:
         print(f"kvloom / HF = {kvloom / results[1]['tok_per_s']:.2f}x")

@@ -227,6 +227,15 @@ def cache_dir() -> Path:
     return Path(base) / "kvloom"
 
 
+FLASH_ATTN_LIBRARY_ENV = "KVLOOM_FLASH_ATTN_LIBRARY"
+
+
+def flash_attn_library_from_env() -> str | None:
+    """The FlashAttention-3 kernel library the flash_attn backend should load
+    (``$KVLOOM_FLASH_ATTN_LIBRARY``), or None to look for an installed vllm's."""
+    return os.environ.get(FLASH_ATTN_LIBRARY_ENV) or None
+
+
 def plugin_allowlist_from_env() -> list[str] | None:
     """Entry-point names from ``$KVLOOM_PLUGINS`` (comma separated), or None for all."""
     raw = os.environ.get(PLUGIN_ALLOWLIST_ENV)

@@ -22,6 +22,14 @@ SHAPES = [
     pytest.param(8, 1, 32, torch.float32, 32, id="mqa-d32-fp32-block32"),
     pytest.param(8, 2, 64, torch.float16, 16, id="gqa4-d64-fp16"),
     pytest.param(8, 2, 128, torch.bfloat16, 16, id="gqa4-d128-bf16"),
+    # What GPU backends and the models need: 16-bit MHA/GQA/MQA at head sizes 64 and
+    # 128 (qwen2-0.5b is 14/2 x 64, qwen2-7b 28/4 x 128), a larger block, head size 256.
+    pytest.param(4, 4, 64, torch.bfloat16, 16, id="mha-d64-bf16"),
+    pytest.param(14, 2, 64, torch.bfloat16, 16, id="gqa7-d64-bf16"),
+    pytest.param(28, 4, 128, torch.float16, 16, id="gqa7-d128-fp16"),
+    pytest.param(8, 1, 128, torch.bfloat16, 32, id="mqa-d128-bf16-block32"),
+    pytest.param(16, 1, 64, torch.float16, 16, id="mqa16-d64-fp16"),
+    pytest.param(4, 2, 256, torch.bfloat16, 16, id="gqa2-d256-bf16"),
 ]
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 3e-2}
 

@@ -158,14 +158,22 @@ class TritonAttention(AttentionImpl):
         from kvloom.plugins.attention import triton_kernels as kernels
 
         kernels.write_kv_cache(key, value, kv_cache, metadata.slot_mapping)
+        if not isinstance(metadata, TritonDecodeMetadata):
+            return self.prefill(query, kv_cache, metadata)
         out = torch.empty_like(query)
-        if isinstance(metadata, TritonDecodeMetadata):
-            kernels.decode_attention(query, kv_cache, out, metadata.block_tables,
-                                     metadata.seq_lens, self.scale, metadata.partial_out,
-                                     metadata.partial_lse, metadata.num_splits, KV_TILE)
-        else:
-            kernels.prefill_attention(query, kv_cache, out, metadata.block_tables,
-                                      metadata.seq_lens, metadata.query_start_loc,
-                                      metadata.tile_seq, metadata.tile_start, self.scale,
-                                      metadata.block_q, KV_TILE)
+        kernels.decode_attention(query, kv_cache, out, metadata.block_tables,
+                                 metadata.seq_lens, self.scale, metadata.partial_out,
+                                 metadata.partial_lse, metadata.num_splits, KV_TILE)
+        return out
+
+    def prefill(self, query, kv_cache, metadata: TritonPrefillMetadata):
+        """Attention for a step with prefill chunks, the new keys already in the cache
+        (the cuda_paged backend runs its prefill steps through this too)."""
+        from kvloom.plugins.attention import triton_kernels as kernels
+
+        out = torch.empty_like(query)
+        kernels.prefill_attention(query, kv_cache, out, metadata.block_tables,
+                                  metadata.seq_lens, metadata.query_start_loc,
+                                  metadata.tile_seq, metadata.tile_start, self.scale,
+                                  metadata.block_q, KV_TILE)
         return out
