@@ -36,7 +36,7 @@ if [[ $STEPS == *conformance* ]]; then  # the plugin conformance suite on the GP
     step conformance 500 python3 -m pytest -q -p no:cacheprovider --pyargs kvloom.testing --kvloom-device cuda -rs ${CONFORMANCE_ARGS:-}
 fi
 [[ $STEPS == *tests* ]] && step gpu_tests 300 python3 -m pytest -q -m gpu -p no:cacheprovider ${GPU_TESTS:-tests}
-[[ $STEPS == *kernels* ]] && step kernels 240 python3 benchmarks/attention_kernels.py --json "$OUT/kernels.json"
+[[ $STEPS == *kernels* ]] && step kernels 240 python3 benchmarks/attention_kernels.py ${KERNEL_ARGS:-} --json "$OUT/kernels.json"
 [[ $STEPS == *moe* ]] && step moe_layer 300 python3 benchmarks/moe_layer.py ${MOE_ARGS:-} --json "$OUT/moe_layer.json"
 for model in $MODELS; do
     [[ $STEPS == *latency* ]] && step "latency_$model" 300 python3 benchmarks/latency.py --model "$model" --json "$OUT/latency_$model.json"

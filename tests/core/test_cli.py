@@ -48,7 +48,8 @@ def test_plugins_lists_every_builtin():
     result = run_cli("plugins")
     out = decoded(result.stdout)
     assert result.returncode == 0, decoded(result.stderr)
-    header, *lines = out.splitlines()
+    table, machine = out.split("\n\n")
+    header, *lines = table.splitlines()
     columns = header.split()
     assert columns == ["KIND", "NAME", "PLUGIN", "MODULE", "DISTRIBUTION", "VERSION", "API",
                        "STATUS"]
@@ -70,11 +71,24 @@ def test_plugins_lists_every_builtin():
             ("loader", "safetensors"), ("loader", "dummy"), ("sampler", "default")} <= kinds_names
 
 
+def test_plugins_says_which_attention_backends_run_here(capsys):
+    assert cli.main(["plugins"]) == 0
+    machine = capsys.readouterr().out.split("\n\n")[1].splitlines()
+    assert machine[0].startswith("attention backends on this machine (platform cpu;")
+    status = {line.split()[0]: line.split(None, 1)[1] for line in machine[1:]}
+    assert status["torch"] == "usable  (attention: auto picks it)"
+    assert status["cuda_paged"] == "not usable: needs a CUDA device, got cpu"
+    assert status["flash_attn"].startswith("not usable: needs a CUDA device, got cpu")
+    assert set(status) == {"torch", "triton", "cuda_paged", "flash_attn"}
+
+
 def test_plugins_honours_the_allowlist(monkeypatch, capsys):
     monkeypatch.setenv("KVLOOM_PLUGINS", "cpu,default_sampler")
     assert cli.main(["plugins"]) == 0
-    lines = capsys.readouterr().out.splitlines()[1:]
-    assert sorted(line.split()[2] for line in lines) == ["cpu", "default_sampler"]
+    table, machine = capsys.readouterr().out.split("\n\n")
+    assert sorted(line.split()[2] for line in table.splitlines()[1:]) == ["cpu",
+                                                                          "default_sampler"]
+    assert machine.splitlines()[1:] == []  # no attention plugin allowed: none to list
 
 
 def test_generate_matches_the_python_api(tiny_qwen2, expected_texts):
