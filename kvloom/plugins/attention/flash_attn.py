@@ -39,8 +39,8 @@ KVLOOM_PLUGIN_API = ">=1.0,<2"  # the kvloom plugin API versions this module sup
 
 LIBRARY_ENV = FLASH_ATTN_LIBRARY_ENV
 LIBRARY_NAME = "_vllm_fa3_C.abi3.so"
-HOW_TO_GET = (f"install vllm 0.26.x (its wheel ships FA3 prebuilt for torch 2.11 with "
-              f"CUDA 13), or set {LIBRARY_ENV} to the path of its "
+HOW_TO_GET = (f"pip install 'kvloom[flash]' (vllm 0.26, whose wheel ships FA3 prebuilt "
+              f"for torch 2.11 with CUDA 13), or set {LIBRARY_ENV} to the path of a "
               f"vllm/vllm_flash_attn/{LIBRARY_NAME}")
 HEAD_SIZES = (64, 96, 128, 192, 256)  # the head sizes vLLM's FA3 build has kernels for
 BLOCK_SIZE_MULTIPLE = 16
